@@ -1,0 +1,1 @@
+"""Hand-written kernels, one file per op, stages in ladder order."""
