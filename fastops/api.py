@@ -18,9 +18,19 @@ def _device_of(array) -> str:
 
 
 def choose(op: str, device: str, dtype, backend: str | None = None,
-           stage: str | None = None) -> registry.Implementation:
-    """The implementation a call would use: named, or the best available for device and dtype."""
+           stage: str | None = None, plan=None) -> registry.Implementation:
+    """The implementation a call would use: named, or the best available for device and dtype.
+
+    With no stage named and the validated ``plan`` given, a tuned winner cached for this
+    problem's shapes is used if there is one (see :mod:`fastops.tuning`).
+    """
     dtype = np.dtype(dtype)
+    if stage is None and plan is not None:
+        from . import tuning
+
+        tuned = tuning.choice(op, device, dtype, backend, plan)
+        if tuned is not None:
+            return tuned
     if backend is None:
         for candidate in registry.BACKEND_PREFERENCE[device]:
             if any(i.supports(dtype) for i in registry.ladder(op, candidate)):
@@ -77,7 +87,7 @@ def matmul(a, b, *, backend=None, stage=None):
     a: (..., M, K) or (K,);  b: (..., K, N) or (K,)  ->  (..., M, N), in the inputs' dtype.
     """
     plan = check_matmul(a, b)
-    impl = choose("matmul", _device_of(plan.a), plan.a.dtype, backend, stage)
+    impl = choose("matmul", _device_of(plan.a), plan.a.dtype, backend, stage, plan)
     (a2, b2), back = _to_device([plan.a, plan.b], impl)
     m, k = a2.shape[-2:]
     n = b2.shape[-1]
@@ -109,7 +119,7 @@ def _broadcast(array, shape):
 def _conv(op, x, w, bias, stride, padding, dilation, groups, backend, stage):
     plan = check_conv2d(x, w, bias, stride, padding, dilation, groups,
                         bias_required=op == "conv2d_bias_relu")
-    impl = choose(op, _device_of(plan.x), plan.x.dtype, backend, stage)
+    impl = choose(op, _device_of(plan.x), plan.x.dtype, backend, stage, plan)
     (xd, wd, bd), back = _to_device([plan.x, plan.w, plan.bias], impl)
     out = _empty(xd, plan.out_shape)
     if out.size:
