@@ -1,0 +1,345 @@
+# The packed, register-blocked GEMM engine shared by the Cython matmul and conv2d chapters.
+#
+# Included (Cython `include`) by matmul.pyx and conv2d.pyx: each extension module gets its own
+# copy, since every .pyx in this folder is built as a separate extension. The micro-kernels
+# themselves are C intrinsics in microkernel.h.
+#
+# The loop nest, for C (M, N) += A (M, K) @ B (K, N), after BLIS / GotoBLAS:
+#
+#   pack all of A once            -> Apack: for each KC block, MR-row slivers (kc x MR)
+#   parallel for task in tasks:   (image, group, rows m0:m1, columns n0:n1), one per thread
+#     for pc in K step KC:        KC block of the reduction
+#       pack B[pc:pc+kc, n0:n1]   -> this thread's buffer: NR-column slivers (kc x NR)
+#       for ic in m0:m1 step MC:  the A block Apack[pc, ic:ic+MC] (MC x KC) stays in L2
+#         for jr in slivers:      one B sliver (KC x NR) stays in L1 ...
+#           for ir in ic step MR: ... while every A sliver of the block streams past it
+#             micro-kernel: MR x NR block of C in registers across the kc loop
+#
+# Block sizes, float32 (double: same bytes, NR = 16 doubles):
+#   KC = 256: one B sliver is 256 x 32 x 4 B = 32 KiB, two thirds of the 48 KiB L1d, leaving
+#             room for the A sliver (8 x 256 x 4 B = 8 KiB) streaming past it.
+#   MC = 256: the A block is 256 x 256 x 4 B = 256 KiB and the B block of a task at most
+#             KC x NC_MAX = 256 x 1024 x 4 B = 1 MiB: together well inside the 2 MiB L2.
+# A is packed once for the whole call (for conv it is the weights; for matmul it is read
+# N / NC times from the packed copy); B is packed per task, so with tasks split over columns
+# every element of B is packed exactly once.
+#
+# B comes either from a row-major matrix (matmul) or straight from an image (conv2d,
+# "implicit GEMM"): row p of B is the tap (c, r, s) and column j the output pixel (oh, ow),
+# so im2col is never materialised, only its KC x NC block, in cache.
+
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset, memcpy
+cimport openmp
+
+import warnings
+
+cdef extern from "stdlib.h" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from "microkernel.h" nogil:
+    enum:
+        FO_MR_F
+        FO_NR_F
+        FO_MR_D
+        FO_NR_D
+        FO_HAS_AVX2
+        FO_HAS_FMA
+        FO_HAS_AVX512F
+    const char *FO_ISA_NAME
+    int fo_simd_enabled
+    int fo_compiled_isa()
+    int fo_runtime_isa()
+    void fo_ukernel_f(long kc, const float *Ap, const float *Bp, float *C, long ldc, int mr,
+                      int nr, int first, const float *bias, int relu)
+    void fo_ukernel_d(long kc, const double *Ap, const double *Bp, double *C, long ldc, int mr,
+                      int nr, int first, const double *bias, int relu)
+
+ctypedef fused real:
+    float
+    double
+
+cdef enum:
+    KC = 256
+    MC = 256
+    NC_MAX = 1024
+
+
+# ---------------------------------------------------------------------------- ISA safety
+_ISA_BITS = {"avx2": FO_HAS_AVX2, "fma": FO_HAS_FMA, "avx512f": FO_HAS_AVX512F}
+
+
+def compiled_isa():
+    """The instruction-set extensions this extension was compiled to use (set of names)."""
+    return {name for name, bit in _ISA_BITS.items() if fo_compiled_isa() & bit}
+
+
+def runtime_isa():
+    """The instruction-set extensions the running CPU supports (set of names)."""
+    return {name for name, bit in _ISA_BITS.items() if fo_runtime_isa() & bit}
+
+
+def isa_decision(compiled, runtime):
+    """(use_simd, warning or None): the intrinsic kernels run only if the CPU has every
+    extension the build assumed; otherwise the portable C micro-kernel is used."""
+    missing = sorted(set(compiled) - set(runtime))
+    if not missing:
+        return True, None
+    return False, (f"fastops cython kernels were compiled for {sorted(compiled)} but this CPU "
+                   f"lacks {missing}; using the portable C micro-kernel. Other compiled code "
+                   "may still use those instructions: rebuild here, or with FASTOPS_PORTABLE=1.")
+
+
+def set_simd(bint enabled):
+    """Enable/disable the intrinsic micro-kernels of this module (tests use it to run the
+    portable path); returns the previous setting."""
+    global fo_simd_enabled
+    previous = bool(fo_simd_enabled)
+    fo_simd_enabled = 1 if enabled else 0
+    return previous
+
+
+def micro_tile(dtype_name):
+    """(MR, NR) of the micro-kernel for 'float32' / 'float64' and the ISA it was built for."""
+    if dtype_name == "float32":
+        return FO_MR_F, FO_NR_F
+    return FO_MR_D, FO_NR_D
+
+
+ISA_NAME = FO_ISA_NAME.decode()
+GEMM_BLOCKS = {"KC": KC, "MC": MC, "NC_MAX": NC_MAX}
+
+_use_simd, _isa_warning = isa_decision(compiled_isa(), runtime_isa())
+if _isa_warning:
+    warnings.warn(_isa_warning, RuntimeWarning, stacklevel=2)
+set_simd(_use_simd)
+
+
+# ---------------------------------------------------------------------------- geometry
+cdef struct BSource:
+    # How to read element (p, j) of B. kind 0: matrix, B[p * ldb + j].
+    # kind 1: image x (C, H, W) of one group; p = (c * kh + r) * kw + s, j = oh * Wo + ow.
+    int kind
+    Py_ssize_t ldb
+    int H, W, kh, kw, sh, sw, pt, pl, dh, dw, Wo
+
+
+cdef inline int mr_of(real *dummy) noexcept nogil:
+    if real is float:
+        return FO_MR_F
+    else:
+        return FO_MR_D
+
+
+cdef inline int nr_of(real *dummy) noexcept nogil:
+    if real is float:
+        return FO_NR_F
+    else:
+        return FO_NR_D
+
+
+cdef inline Py_ssize_t round_up(Py_ssize_t x, Py_ssize_t m) noexcept nogil:
+    return (x + m - 1) // m * m
+
+
+cdef inline real *alloc_aligned(Py_ssize_t count, real *dummy) noexcept nogil:
+    # 64-byte alignment: packed slivers are read with aligned zmm loads.
+    return <real *> aligned_alloc(64, <size_t> round_up(count * sizeof(real), 64))
+
+
+# ---------------------------------------------------------------------------- packing
+cdef void pack_a(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
+                 real *apack) noexcept nogil:
+    """A (M, K) row-major -> Apack: KC blocks, each Mpad x kc as MR-row slivers (kc x MR),
+    zero rows below M. Sliver `ir` of the block at `pc` starts at apack + pc*Mpad + ir*kc."""
+    cdef int MR = mr_of(apack)
+    cdef Py_ssize_t Mpad = round_up(M, MR), nsl = Mpad // MR
+    cdef Py_ssize_t t, pc, ir, p, kc, i
+    cdef real *dst
+    cdef const real *src
+    # One (KC block, sliver) per iteration: independent, so the packing runs in parallel too.
+    for t in prange(((K + KC - 1) // KC) * nsl, schedule="static"):
+        pc = (t // nsl) * KC
+        ir = (t % nsl) * MR
+        kc = min(KC, K - pc)
+        dst = apack + pc * Mpad + ir * kc
+        for i in range(MR):
+            if ir + i < M:
+                src = a + (ir + i) * lda + pc
+                for p in range(kc):
+                    dst[p * MR + i] = src[p]
+            else:
+                for p in range(kc):
+                    dst[p * MR + i] = 0
+
+
+cdef inline void copy_run(real *dst, const real *row, Py_ssize_t iw0, int sw, int W,
+                          Py_ssize_t run) noexcept nogil:
+    """dst[t] = row[iw0 + t*sw] for t < run, zero where the column falls in the padding."""
+    # Valid t: 0 <= iw0 + t*sw <= W-1, i.e. lo <= t < hi.
+    cdef Py_ssize_t lo = 0, hi = 0, t
+    if iw0 < 0:
+        lo = (-iw0 + sw - 1) // sw
+    if iw0 <= W - 1:
+        hi = (W - 1 - iw0) // sw + 1
+    lo = min(lo, run)
+    hi = max(min(hi, run), lo)
+    for t in range(lo):
+        dst[t] = 0
+    if sw == 1:
+        memcpy(dst + lo, row + iw0 + lo, (hi - lo) * sizeof(real))
+    else:
+        for t in range(lo, hi):
+            dst[t] = row[iw0 + t * sw]
+    for t in range(hi, run):
+        dst[t] = 0
+
+
+cdef void pack_b(const real *b, const BSource *src, Py_ssize_t pc, Py_ssize_t kc,
+                 Py_ssize_t n0, Py_ssize_t n1, real *bpack) noexcept nogil:
+    """B[pc:pc+kc, n0:n1] -> bpack as NR-column slivers (kc x NR), zero columns past n1."""
+    cdef int NR = nr_of(bpack)
+    cdef Py_ssize_t nsl = (n1 - n0 + NR - 1) // NR
+    cdef Py_ssize_t p, q, sl, j, jend, t, run, oh, ow, ih, taps
+    cdef int c, r, s
+    cdef real *dst
+    cdef const real *chan
+    taps = src.kh * src.kw
+    for p in range(kc):
+        q = pc + p
+        if src.kind == 1:
+            c = q // taps
+            r = (q % taps) // src.kw
+            s = q % src.kw
+            chan = b + c * src.H * src.W
+        for sl in range(nsl):
+            dst = bpack + sl * kc * NR + p * NR
+            j = n0 + sl * NR
+            jend = min(j + NR, n1)
+            if src.kind == 0:
+                memcpy(dst, b + q * src.ldb + j, (jend - j) * sizeof(real))
+                t = jend - j
+            else:
+                # Split the sliver into runs that stay inside one output row (oh fixed).
+                t = 0
+                oh = j // src.Wo
+                ow = j - oh * src.Wo
+                while j < jend:
+                    run = min(src.Wo - ow, jend - j)
+                    ih = oh * src.sh - src.pt + r * src.dh
+                    if ih < 0 or ih >= src.H:
+                        memset(dst + t, 0, run * sizeof(real))
+                    else:
+                        copy_run(dst + t, chan + ih * src.W, ow * src.sw - src.pl + s * src.dw,
+                                 src.sw, src.W, run)
+                    t += run
+                    j += run
+                    ow = 0
+                    oh += 1
+            if t < NR:
+                memset(dst + t, 0, (NR - t) * sizeof(real))
+
+
+# ---------------------------------------------------------------------------- driver
+cdef inline void ukernel(Py_ssize_t kc, const real *ap, const real *bp, real *c, Py_ssize_t ldc,
+                         int mr, int nr, int first, const real *bias, int relu) noexcept nogil:
+    if real is float:
+        fo_ukernel_f(kc, ap, bp, c, ldc, mr, nr, first, bias, relu)
+    else:
+        fo_ukernel_d(kc, ap, bp, c, ldc, mr, nr, first, bias, relu)
+
+
+cdef void gemm_task(const real *apack, Py_ssize_t M, Py_ssize_t K, const real *b,
+                    const BSource *src, real *c, Py_ssize_t ldc, Py_ssize_t m0, Py_ssize_t m1,
+                    Py_ssize_t n0, Py_ssize_t n1, const real *bias, int relu,
+                    real *bpack) noexcept nogil:
+    """C[m0:m1, n0:n1] = A[m0:m1] @ B[:, n0:n1] (+ bias, ReLU): one task, one thread."""
+    cdef int MR = mr_of(bpack), NR = nr_of(bpack)
+    cdef Py_ssize_t Mpad = round_up(M, MR)
+    cdef Py_ssize_t pb, pc, kc, ib, ic, iend, jr, ir, nsl = (n1 - n0 + NR - 1) // NR
+    cdef int first, last
+    for pb in range((K + KC - 1) // KC):
+        pc = pb * KC
+        kc = min(KC, K - pc)
+        first = pc == 0
+        last = pc + kc == K
+        pack_b(b, src, pc, kc, n0, n1, bpack)
+        for ib in range((m1 - m0 + MC - 1) // MC):
+            ic = m0 + ib * MC
+            iend = min(ic + MC, m1)
+            for jr in range(nsl):
+                ir = ic
+                while ir < iend:
+                    ukernel(kc, apack + pc * Mpad + ir * kc, bpack + jr * kc * NR,
+                            c + ir * ldc + n0 + jr * NR, ldc, <int> min(MR, M - ir),
+                            <int> min(NR, n1 - n0 - jr * NR), first,
+                            bias + ir if (last and bias != NULL) else NULL, relu and last)
+                    ir += MR
+
+
+cdef int gemm_run(const real *apack, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
+                  const real *b, Py_ssize_t b_image_stride, Py_ssize_t b_group_stride,
+                  const BSource *src, real *c, Py_ssize_t ldc, Py_ssize_t c_image_stride,
+                  Py_ssize_t c_group_stride, Py_ssize_t a_group_stride, const real *bias,
+                  int relu, Py_ssize_t images, Py_ssize_t groups, Py_ssize_t m_block,
+                  Py_ssize_t n_block) noexcept nogil:
+    """Run every task (image, group, m block, n block) over the OpenMP threads.
+
+    Each thread packs B into its own buffer (KC x n_block). Returns -1 if the allocation
+    failed (the caller raises MemoryError)."""
+    cdef Py_ssize_t m_tasks = (M + m_block - 1) // m_block
+    cdef Py_ssize_t n_tasks = (N + n_block - 1) // n_block
+    cdef Py_ssize_t per_image = groups * m_tasks * n_tasks
+    cdef Py_ssize_t t, img, g, rest, m0, n0
+    cdef int threads = openmp.omp_get_max_threads()
+    cdef Py_ssize_t slot = KC * round_up(n_block, nr_of(c))
+    # One B packing buffer per thread, allocated up front (a worksharing loop must be reached
+    # by every thread, so no thread may bail out inside the parallel region).
+    cdef real *buffers = alloc_aligned(threads * slot, c)
+    cdef real *bpack
+    if buffers == NULL:
+        return -1
+    # Tasks are equal-sized except at the edges; dynamic scheduling absorbs those and the
+    # stalls of a shared machine.
+    for t in prange(images * per_image, schedule="dynamic", num_threads=threads):
+        bpack = buffers + openmp.omp_get_thread_num() * slot
+        img = t // per_image
+        rest = t % per_image
+        g = rest // (m_tasks * n_tasks)
+        rest = rest % (m_tasks * n_tasks)
+        m0 = (rest // n_tasks) * m_block
+        n0 = (rest % n_tasks) * n_block
+        gemm_task(apack + g * a_group_stride, M, K,
+                  b + img * b_image_stride + g * b_group_stride, src,
+                  c + img * c_image_stride + g * c_group_stride, ldc,
+                  m0, min(m0 + m_block, M), n0, min(n0 + n_block, N),
+                  bias + g * M if bias != NULL else NULL, relu, bpack)
+    free(buffers)
+    return 0
+
+
+def task_grid(Py_ssize_t M, Py_ssize_t N, Py_ssize_t outer, int mr, int nr, int threads):
+    """(m_block, n_block) splitting an outer x M x N problem (outer = images x groups) into
+    tasks for `threads` threads.
+
+    Minimises the modelled makespan: rounds of tasks x padded micro-tiles per task, plus a
+    small charge per task for re-packing B (every extra m split re-packs the same columns).
+    Blocks are multiples of the micro-tile; n blocks are capped at NC_MAX so a task's B block
+    stays in L2."""
+    cdef Py_ssize_t best_m = M, best_n = N
+    cdef double best = -1, cost
+    cdef Py_ssize_t ms, ns, mb, nb, tasks, rounds, tiles
+    m_slivers = (M + mr - 1) // mr
+    n_slivers = (N + nr - 1) // nr
+    for ms in range(1, min(m_slivers, 8) + 1):
+        mb = (m_slivers + ms - 1) // ms * mr
+        for ns in range(max(1, (N + NC_MAX - 1) // NC_MAX), min(n_slivers, 64) + 1):
+            nb = (n_slivers + ns - 1) // ns * nr
+            tasks = outer * ((M + mb - 1) // mb) * ((N + nb - 1) // nb)
+            rounds = (tasks + threads - 1) // threads
+            tiles = (mb // mr) * (nb // nr)
+            cost = rounds * tiles * (1.0 + 0.02 * ms) + 0.5 * tasks / threads
+            if best < 0 or cost < best:
+                best, best_m, best_n = cost, mb, nb
+    return best_m, best_n

@@ -1,0 +1,284 @@
+/* The register-blocked GEMM micro-kernels shared by the Cython matmul and conv2d chapters.
+ *
+ * What this file teaches: the innermost loop of a BLIS/GotoBLAS GEMM. A micro-kernel computes
+ * one MR x NR block of C as a sum of kc rank-1 updates,
+ *
+ *     C[0:MR, 0:NR] (+)= sum_p  Ap[p, 0:MR]^T  Bp[p, 0:NR]
+ *
+ * where Ap is an MR-row sliver of A and Bp an NR-column sliver of B, both *packed* by the
+ * caller into contiguous, 64-byte aligned buffers (Ap: kc x MR, Bp: kc x NR, p-major), so the
+ * kernel streams two unit-stride arrays and touches nothing else until the write-back.
+ *
+ * Register budget (AVX-512, float32): 32 zmm registers of 16 floats. With NR = 32 = 2 zmm per
+ * row of C and MR = 8 rows, the C block is 16 accumulators; each p step loads 2 zmm of B,
+ * broadcasts 8 values of A and issues 16 independent FMAs. This core has 2 FMA ports with a
+ * latency of 4 cycles, so >= 2 x 4 = 8 independent accumulator chains are needed to keep both
+ * ports busy; 16 leaves slack. MR = 8 (not 12 or 14) because conv output-channel counts are
+ * multiples of 8 (64 ... 512), so the M edge wastes nothing (chosen by measurement, see
+ * gemm.pxi). float64 uses the same shape with 8 doubles per zmm (NR = 16).
+ * AVX2 (16 ymm registers): MR = 6, NR = 16 floats / 8 doubles -> 12 accumulators.
+ * Without either ISA a portable scalar C kernel with the same MR x NR runs instead.
+ *
+ * Epilogue: on the last kc block the caller passes the bias of the MR rows (or NULL) and the
+ * ReLU flag; they are applied while the C block is still in registers, before the one store.
+ * ReLU is max(0, x) with the operands ordered so that NaN propagates (x86 max returns its
+ * second operand when either is NaN), matching numpy.maximum(x, 0).
+ *
+ * Edges: packed slivers are zero-padded to MR rows / NR columns, so the kernel always
+ * computes a full block; only the write-back honours mr <= MR rows and nr <= NR columns
+ * (masked stores on AVX-512).
+ */
+#ifndef FASTOPS_MICROKERNEL_H
+#define FASTOPS_MICROKERNEL_H
+
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FO_X86 1
+#else
+#define FO_X86 0
+#endif
+
+#if FO_X86 && defined(__AVX512F__)
+#define FO_ISA_NAME "avx512"
+#define FO_MR_F 8
+#define FO_NR_F 32
+#define FO_MR_D 8
+#define FO_NR_D 16
+#elif FO_X86 && defined(__AVX2__) && defined(__FMA__)
+#define FO_ISA_NAME "avx2"
+#define FO_MR_F 6
+#define FO_NR_F 16
+#define FO_MR_D 6
+#define FO_NR_D 8
+#else
+#define FO_ISA_NAME "portable"
+#define FO_MR_F 4
+#define FO_NR_F 16
+#define FO_MR_D 4
+#define FO_NR_D 8
+#endif
+
+/* ------------------------------------------------------------------ ISA safety at run time
+ * The extension is built for the CPU it was installed on (-march=native). Bits of what the
+ * compiler was allowed to use, and of what the running CPU supports; the Cython side compares
+ * them at import and disables the intrinsic kernels (fo_simd_enabled = 0) on a mismatch. */
+enum { FO_HAS_AVX2 = 1, FO_HAS_FMA = 2, FO_HAS_AVX512F = 4 };
+
+static int fo_compiled_isa(void) {
+    int bits = 0;
+#if defined(__AVX2__)
+    bits |= FO_HAS_AVX2;
+#endif
+#if defined(__FMA__)
+    bits |= FO_HAS_FMA;
+#endif
+#if defined(__AVX512F__)
+    bits |= FO_HAS_AVX512F;
+#endif
+    return bits;
+}
+
+static int fo_runtime_isa(void) {
+    int bits = 0;
+#if FO_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) bits |= FO_HAS_AVX2;
+    if (__builtin_cpu_supports("fma")) bits |= FO_HAS_FMA;
+    if (__builtin_cpu_supports("avx512f")) bits |= FO_HAS_AVX512F;
+#endif
+    return bits;
+}
+
+/* One flag per extension module (each module compiles its own copy of this header). */
+static int fo_simd_enabled = 1;
+
+/* ------------------------------------------------------------------ portable kernels
+ * Plain C over the same packed layout and the same MR x NR (so packing code never changes),
+ * compiled for baseline x86-64 so it is safe to run on a CPU that lacks the build's ISA. */
+#if FO_X86 && defined(__GNUC__) && !defined(__clang__)
+#define FO_BASELINE __attribute__((noinline, target("arch=x86-64")))
+#else
+#define FO_BASELINE __attribute__((noinline))
+#endif
+
+#define FO_DEFINE_PORTABLE(NAME, T, MR, NR)                                                    \
+    FO_BASELINE static void NAME(long kc, const T *Ap, const T *Bp, T *C, long ldc, int mr,    \
+                                 int nr, int first, const T *bias, int relu) {                 \
+        T acc[MR][NR];                                                                         \
+        for (int i = 0; i < MR; i++)                                                           \
+            for (int j = 0; j < NR; j++) acc[i][j] = 0;                                        \
+        for (long p = 0; p < kc; p++)                                                          \
+            for (int i = 0; i < MR; i++) {                                                     \
+                T a = Ap[p * MR + i];                                                          \
+                for (int j = 0; j < NR; j++) acc[i][j] += a * Bp[p * NR + j];                  \
+            }                                                                                  \
+        for (int i = 0; i < mr; i++) {                                                         \
+            T *row = C + (long)i * ldc;                                                        \
+            for (int j = 0; j < nr; j++) {                                                     \
+                T v = first ? acc[i][j] : row[j] + acc[i][j];                                  \
+                if (bias) v += bias[i];                                                        \
+                if (relu && !(v > 0) && v == v) v = 0; /* NaN stays NaN */                     \
+                row[j] = v;                                                                    \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+FO_DEFINE_PORTABLE(fo_ukernel_f_portable, float, FO_MR_F, FO_NR_F)
+FO_DEFINE_PORTABLE(fo_ukernel_d_portable, double, FO_MR_D, FO_NR_D)
+
+/* ------------------------------------------------------------------ AVX-512 kernels */
+#if FO_X86 && defined(__AVX512F__)
+
+/* float32: 8 rows x 32 columns = 16 zmm accumulators; A broadcast from the packed sliver. */
+static inline void fo_ukernel_f_simd(long kc, const float *restrict Ap, const float *restrict Bp,
+                                     float *C, long ldc, int mr, int nr, int first,
+                                     const float *bias, int relu) {
+    __m512 c0[FO_MR_F], c1[FO_MR_F];
+#pragma GCC unroll 8
+    for (int i = 0; i < FO_MR_F; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (long p = 0; p < kc; p++) {
+        __m512 b0 = _mm512_load_ps(Bp + p * FO_NR_F);
+        __m512 b1 = _mm512_load_ps(Bp + p * FO_NR_F + 16);
+#pragma GCC unroll 8
+        for (int i = 0; i < FO_MR_F; i++) {
+            __m512 a = _mm512_set1_ps(Ap[p * FO_MR_F + i]);
+            c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+        }
+    }
+    /* Write-back: masks select the nr valid columns of the two 16-lane halves. */
+    int n0 = nr < 16 ? nr : 16, n1 = nr > 16 ? nr - 16 : 0;
+    __mmask16 m0 = (__mmask16)((1u << n0) - 1u), m1 = (__mmask16)((1u << n1) - 1u);
+    __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < FO_MR_F; i++) {
+        if (i >= mr) break;
+        float *row = C + (long)i * ldc;
+        __m512 v0 = c0[i], v1 = c1[i];
+        if (!first) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
+        }
+        if (bias) {
+            __m512 bv = _mm512_set1_ps(bias[i]);
+            v0 = _mm512_add_ps(v0, bv);
+            v1 = _mm512_add_ps(v1, bv);
+        }
+        if (relu) { /* max(0, v): returns v when v is NaN */
+            v0 = _mm512_max_ps(zero, v0);
+            v1 = _mm512_max_ps(zero, v1);
+        }
+        _mm512_mask_storeu_ps(row, m0, v0);
+        _mm512_mask_storeu_ps(row + 16, m1, v1);
+    }
+}
+
+/* float64: 8 rows x 16 columns (2 zmm of 8 doubles per row) = 16 accumulators. */
+static inline void fo_ukernel_d_simd(long kc, const double *restrict Ap,
+                                     const double *restrict Bp, double *C, long ldc, int mr,
+                                     int nr, int first, const double *bias, int relu) {
+    __m512d c0[FO_MR_D], c1[FO_MR_D];
+#pragma GCC unroll 8
+    for (int i = 0; i < FO_MR_D; i++) c0[i] = c1[i] = _mm512_setzero_pd();
+    for (long p = 0; p < kc; p++) {
+        __m512d b0 = _mm512_load_pd(Bp + p * FO_NR_D);
+        __m512d b1 = _mm512_load_pd(Bp + p * FO_NR_D + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < FO_MR_D; i++) {
+            __m512d a = _mm512_set1_pd(Ap[p * FO_MR_D + i]);
+            c0[i] = _mm512_fmadd_pd(a, b0, c0[i]);
+            c1[i] = _mm512_fmadd_pd(a, b1, c1[i]);
+        }
+    }
+    int n0 = nr < 8 ? nr : 8, n1 = nr > 8 ? nr - 8 : 0;
+    __mmask8 m0 = (__mmask8)((1u << n0) - 1u), m1 = (__mmask8)((1u << n1) - 1u);
+    __m512d zero = _mm512_setzero_pd();
+#pragma GCC unroll 8
+    for (int i = 0; i < FO_MR_D; i++) {
+        if (i >= mr) break;
+        double *row = C + (long)i * ldc;
+        __m512d v0 = c0[i], v1 = c1[i];
+        if (!first) {
+            v0 = _mm512_add_pd(v0, _mm512_maskz_loadu_pd(m0, row));
+            v1 = _mm512_add_pd(v1, _mm512_maskz_loadu_pd(m1, row + 8));
+        }
+        if (bias) {
+            __m512d bv = _mm512_set1_pd(bias[i]);
+            v0 = _mm512_add_pd(v0, bv);
+            v1 = _mm512_add_pd(v1, bv);
+        }
+        if (relu) {
+            v0 = _mm512_max_pd(zero, v0);
+            v1 = _mm512_max_pd(zero, v1);
+        }
+        _mm512_mask_storeu_pd(row, m0, v0);
+        _mm512_mask_storeu_pd(row + 8, m1, v1);
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 kernels */
+#elif FO_X86 && defined(__AVX2__) && defined(__FMA__)
+
+/* Write one row of an AVX2 block: full rows with vector stores, partial rows via a buffer. */
+#define FO_DEFINE_AVX2(NAME, T, VT, W, MR, NR, LOAD, LOADU, STOREU, SET1, FMA, ADD, MAX, ZERO)  \
+    static inline void NAME(long kc, const T *restrict Ap, const T *restrict Bp, T *C,         \
+                            long ldc, int mr, int nr, int first, const T *bias, int relu) {    \
+        VT c0[MR], c1[MR];                                                                     \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) c0[i] = c1[i] = ZERO();            \
+        for (long p = 0; p < kc; p++) {                                                        \
+            VT b0 = LOAD(Bp + p * NR), b1 = LOAD(Bp + p * NR + W);                             \
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                             \
+                VT a = SET1(Ap[p * MR + i]);                                                   \
+                c0[i] = FMA(a, b0, c0[i]);                                                     \
+                c1[i] = FMA(a, b1, c1[i]);                                                     \
+            }                                                                                  \
+        }                                                                                      \
+        T tmp[NR] __attribute__((aligned(32)));                                                \
+        for (int i = 0; i < mr; i++) {                                                         \
+            T *row = C + (long)i * ldc;                                                        \
+            T *dst = nr == NR ? row : tmp;                                                     \
+            if (!first && nr != NR) memcpy(tmp, row, sizeof(T) * nr);                          \
+            VT v0 = c0[i], v1 = c1[i];                                                         \
+            if (!first) { v0 = ADD(v0, LOADU(dst)); v1 = ADD(v1, LOADU(dst + W)); }            \
+            if (bias) { VT bv = SET1(bias[i]); v0 = ADD(v0, bv); v1 = ADD(v1, bv); }           \
+            if (relu) { v0 = MAX(ZERO(), v0); v1 = MAX(ZERO(), v1); }                          \
+            STOREU(dst, v0);                                                                   \
+            STOREU(dst + W, v1);                                                               \
+            if (nr != NR) memcpy(row, tmp, sizeof(T) * nr);                                    \
+        }                                                                                      \
+    }
+
+FO_DEFINE_AVX2(fo_ukernel_f_simd, float, __m256, 8, FO_MR_F, FO_NR_F, _mm256_load_ps,
+               _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
+               _mm256_add_ps, _mm256_max_ps, _mm256_setzero_ps)
+FO_DEFINE_AVX2(fo_ukernel_d_simd, double, __m256d, 4, FO_MR_D, FO_NR_D, _mm256_load_pd,
+               _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd,
+               _mm256_add_pd, _mm256_max_pd, _mm256_setzero_pd)
+
+#else
+#define fo_ukernel_f_simd fo_ukernel_f_portable
+#define fo_ukernel_d_simd fo_ukernel_d_portable
+#endif
+
+/* ------------------------------------------------------------------ dispatch */
+static inline void fo_ukernel_f(long kc, const float *Ap, const float *Bp, float *C, long ldc,
+                                int mr, int nr, int first, const float *bias, int relu) {
+    if (fo_simd_enabled)
+        fo_ukernel_f_simd(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+    else
+        fo_ukernel_f_portable(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+}
+
+static inline void fo_ukernel_d(long kc, const double *Ap, const double *Bp, double *C,
+                                long ldc, int mr, int nr, int first, const double *bias,
+                                int relu) {
+    if (fo_simd_enabled)
+        fo_ukernel_d_simd(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+    else
+        fo_ukernel_d_portable(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+}
+
+#endif /* FASTOPS_MICROKERNEL_H */
