@@ -174,17 +174,25 @@ cdef void pack_a(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
                     dst[p * MR + i] = 0
 
 
+cdef inline void valid_range(Py_ssize_t iw0, int sw, int W, Py_ssize_t run, Py_ssize_t *lo,
+                             Py_ssize_t *hi) noexcept nogil:
+    """[lo, hi): the t < run whose input column iw0 + t*sw lies inside 0 .. W-1 (the rest of
+    the run falls in the left/right zero padding)."""
+    cdef Py_ssize_t l = 0, h = 0
+    if iw0 < 0:
+        l = (-iw0 + sw - 1) // sw
+    if iw0 <= W - 1:
+        h = (W - 1 - iw0) // sw + 1
+    l = min(l, run)
+    lo[0] = l
+    hi[0] = max(min(h, run), l)
+
+
 cdef inline void copy_run(real *dst, const real *row, Py_ssize_t iw0, int sw, int W,
                           Py_ssize_t run) noexcept nogil:
     """dst[t] = row[iw0 + t*sw] for t < run, zero where the column falls in the padding."""
-    # Valid t: 0 <= iw0 + t*sw <= W-1, i.e. lo <= t < hi.
-    cdef Py_ssize_t lo = 0, hi = 0, t
-    if iw0 < 0:
-        lo = (-iw0 + sw - 1) // sw
-    if iw0 <= W - 1:
-        hi = (W - 1 - iw0) // sw + 1
-    lo = min(lo, run)
-    hi = max(min(hi, run), lo)
+    cdef Py_ssize_t lo, hi, t
+    valid_range(iw0, sw, W, run, &lo, &hi)
     for t in range(lo):
         dst[t] = 0
     if sw == 1:

@@ -1,0 +1,280 @@
+# cython: language_level=3
+"""conv2d in Cython: from seven textbook loops to an implicit GEMM on the packed micro-kernel.
+
+out (N, K, Ho, Wo) = x (N, C, H, W) (*) w (K, C/groups, kH, kW), torch semantics: stride,
+dilation, asymmetric zero padding, groups (depthwise included), no bias (the API adds it).
+
+1. naive       - seven nested loops, a bounds test per tap; one thread.
+2. vectorized  - for each (channel, tap, output row) one row-wide "axpy" over the valid output
+                 columns: padding is resolved per row, the inner loop is unit stride (stride 1)
+                 and the compiler emits packed FMAs.
+3. parallel    - the same, output planes (image, channel) spread over OpenMP threads.
+4. tiled       - implicit GEMM: out[g] (K/g, Ho*Wo) = W[g] (K/g, C/g*kH*kW) @ im2col(x[g]),
+                 where the im2col matrix is never built, only packed block by block straight
+                 from the image into the micro-kernel's NR-column slivers (gemm.pxi).
+                 Depthwise convolutions take a direct path (they have no reduction to block).
+
+Every kernel runs with the GIL released; ``def`` wrappers unpack ConvParams and dispatch on
+dtype to ``cdef ... nogil`` cores written once over the fused type ``real``.
+"""
+from functools import lru_cache
+
+from cython.parallel cimport prange
+
+from fastops.registry import register
+
+include "gemm.pxi"
+
+
+cdef struct Geom:
+    # Shapes and hyper-parameters of one call, unpacked once from ConvParams.
+    Py_ssize_t N, C, H, W, K, kh, kw, Ho, Wo, groups, Cg, Kg
+    int sh, sw, pt, pl, dh, dw
+
+
+cdef Geom geometry(x, w, out, p):
+    cdef Geom g
+    g.N, g.C, g.H, g.W = x.shape
+    g.K, g.Cg, g.kh, g.kw = w.shape
+    g.Ho, g.Wo = out.shape[2], out.shape[3]
+    g.sh, g.sw, g.pt, g.pl = p.stride_h, p.stride_w, p.pad_top, p.pad_left
+    g.dh, g.dw, g.groups = p.dil_h, p.dil_w, p.groups
+    g.Kg = g.K // g.groups
+    return g
+
+
+# ---------------------------------------------------------------------------- shared helpers
+cdef inline void row_axpy(real *dst, const real *row, real wv, Py_ssize_t iw0, int sw, int W,
+                          Py_ssize_t Wo) noexcept nogil:
+    """dst[t] += wv * row[iw0 + t*sw] over the output columns t whose input column is inside
+    the image (the others read zero padding and contribute nothing)."""
+    cdef Py_ssize_t lo, hi, t
+    cdef const real *src
+    valid_range(iw0, sw, W, Wo, &lo, &hi)
+    src = row + iw0
+    if sw == 1:  # the common case: unit stride, vectorised
+        for t in range(lo, hi):
+            dst[t] += wv * src[t]
+    else:
+        for t in range(lo, hi):
+            dst[t] += wv * src[t * sw]
+
+
+cdef void plane_direct(const real *x, const real *w, real *out, const Geom *g, Py_ssize_t n,
+                       Py_ssize_t k, const real *bias, int relu) noexcept nogil:
+    """out[n, k] (Ho, Wo) = sum over its group's channels and taps of row axpys, then the
+    optional bias + ReLU epilogue on each finished row while it is still in L1."""
+    cdef Py_ssize_t grp = k // g.Kg, ci, r, s, oh, ih, t
+    cdef const real *xc
+    cdef real *orow
+    cdef real v
+    for oh in range(g.Ho):
+        orow = out + ((n * g.K + k) * g.Ho + oh) * g.Wo
+        for t in range(g.Wo):
+            orow[t] = 0
+        for ci in range(g.Cg):
+            xc = x + (n * g.C + grp * g.Cg + ci) * g.H * g.W
+            for r in range(g.kh):
+                ih = oh * g.sh - g.pt + r * g.dh
+                if ih < 0 or ih >= g.H:
+                    continue
+                for s in range(g.kw):
+                    row_axpy(orow, xc + ih * g.W, w[((k * g.Cg + ci) * g.kh + r) * g.kw + s],
+                             s * g.dw - g.pl, g.sw, <int> g.W, g.Wo)
+        if bias != NULL or relu:
+            for t in range(g.Wo):
+                v = orow[t] + (bias[k] if bias != NULL else 0)
+                if relu and not (v > 0) and v == v:  # max(v, 0) with NaN kept, as numpy
+                    v = 0
+                orow[t] = v
+
+
+# ---------------------------------------------------------------------------- 1 naive
+cdef void naive_core(const real *x, const real *w, real *out, const Geom *g) noexcept nogil:
+    cdef Py_ssize_t n, k, oh, ow, ci, r, s, ih, iw, grp
+    cdef real acc
+    for n in range(g.N):
+        for k in range(g.K):
+            grp = k // g.Kg
+            for oh in range(g.Ho):
+                for ow in range(g.Wo):
+                    acc = 0
+                    for ci in range(g.Cg):
+                        for r in range(g.kh):
+                            ih = oh * g.sh - g.pt + r * g.dh
+                            for s in range(g.kw):
+                                iw = ow * g.sw - g.pl + s * g.dw
+                                if 0 <= ih < g.H and 0 <= iw < g.W:  # else: zero padding
+                                    acc += (x[((n * g.C + grp * g.Cg + ci) * g.H + ih) * g.W + iw]
+                                            * w[((k * g.Cg + ci) * g.kh + r) * g.kw + s])
+                    out[((n * g.K + k) * g.Ho + oh) * g.Wo + ow] = acc
+
+
+cdef void naive_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
+                    Geom g):
+    with nogil:
+        naive_core(&x[0, 0, 0, 0], &w[0, 0, 0, 0], &out[0, 0, 0, 0], &g)
+
+
+@register("conv2d", "cython", "naive", "seven nested loops with a padding test per tap",
+          max_flops=3e8)
+def conv2d_naive(x, w, out, p):
+    """Stage 1 · naive.
+
+    The definition: for every output element (n, k, oh, ow), a sum over the input channels of
+    its group and the kH x kW taps, with a bounds test standing in for the zero padding.
+    One thread, GIL released.
+    Bottleneck: a branch per multiply-add, scattered reads of x (a new row per tap), a serial
+    reduction chain: no SIMD.
+    Still missing: vectorisation, threads, any reuse of x or w from registers.
+    """
+    # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
+    g = geometry(x, w, out, p)
+    if x.dtype.char == "f":
+        naive_run[float](x, w, out, g)
+    else:
+        naive_run[double](x, w, out, g)
+
+
+# ---------------------------------------------------------------------------- 2 vectorized
+cdef void planes_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
+                     Geom g, bint threads, real[::1] bias, bint relu):
+    """Every output plane by `plane_direct`; planes on one thread or over the OpenMP team."""
+    cdef Py_ssize_t t
+    cdef const real *px = &x[0, 0, 0, 0]
+    cdef const real *pw = &w[0, 0, 0, 0]
+    cdef real *po = &out[0, 0, 0, 0]
+    cdef const real *pb = &bias[0] if bias is not None else NULL
+    with nogil:
+        if threads:
+            for t in prange(g.N * g.K, schedule="static"):
+                plane_direct(px, pw, po, &g, t // g.K, t % g.K, pb, relu)
+        else:
+            for t in range(g.N * g.K):
+                plane_direct(px, pw, po, &g, t // g.K, t % g.K, pb, relu)
+
+
+@register("conv2d", "cython", "vectorized", "row-wide axpy per (channel, tap, row), SIMD FMA",
+          max_flops=5e9)
+def conv2d_vectorized(x, w, out, p):
+    """Stage 2 · vectorized.
+
+    Changed since `naive`: the padding test moves out of the inner loop. For each output row,
+    input channel and tap, the valid output columns [lo, hi) are computed once (valid_range)
+    and the row is updated by out[oh, lo:hi] += w[k, c, r, s] * x[c, ih, lo*sw+off : ...]:
+    unit stride when stride == 1, no branches, so gcc emits packed FMAs.
+    Bottleneck removed: the per-tap branch and scalar arithmetic.
+    Still missing: one thread; every tap re-loads and re-stores the output row (one load +
+    one store per FMA, L1 bound) and each weight is used for one row only (no register
+    blocking over output channels).
+    """
+    g = geometry(x, w, out, p)
+    if x.dtype.char == "f":
+        planes_run[float](x, w, out, g, False, None, False)
+    else:
+        planes_run[double](x, w, out, g, False, None, False)
+
+
+# ---------------------------------------------------------------------------- 3 parallel
+@register("conv2d", "cython", "parallel", "vectorized rows, OpenMP prange over output planes",
+          max_flops=1e10)
+def conv2d_parallel(x, w, out, p):
+    """Stage 3 · parallel.
+
+    Changed since `vectorized`: the N x K output planes are spread over the OpenMP threads
+    (prange, static schedule: every plane costs the same). Each thread owns whole planes, so
+    there is no write sharing.
+    Bottleneck removed: the idle second core.
+    Still missing: the arithmetic intensity is unchanged: per FMA one load of x, one load and
+    one store of out; nothing is held in registers across channels.
+    """
+    g = geometry(x, w, out, p)
+    if x.dtype.char == "f":
+        planes_run[float](x, w, out, g, True, None, False)
+    else:
+        planes_run[double](x, w, out, g, True, None, False)
+
+
+# ---------------------------------------------------------------------------- 4 tiled
+cdef implicit_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
+                       Geom g, real[::1] bias, bint relu, Py_ssize_t m_block,
+                       Py_ssize_t n_block):
+    cdef Py_ssize_t red = g.Cg * g.kh * g.kw  # GEMM K: one row of B per (channel, tap)
+    cdef Py_ssize_t P = g.Ho * g.Wo  # GEMM N: output pixels of one image
+    cdef Py_ssize_t Mpad = round_up(g.Kg, mr_of(&out[0, 0, 0, 0])), grp
+    cdef const real *pb = &bias[0] if bias is not None else NULL
+    cdef BSource src
+    cdef real *apack
+    cdef int status = 0
+    # A 1x1, stride-1, unpadded conv reads x[g] as a plain (C/g, H*W) matrix: cheaper packing.
+    src.kind = 0 if (g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.pt == 0
+                     and g.pl == 0 and g.Ho == g.H and g.Wo == g.W) else 1
+    src.ldb = g.H * g.W
+    src.H, src.W, src.kh, src.kw = g.H, g.W, g.kh, g.kw
+    src.sh, src.sw, src.pt, src.pl, src.dh, src.dw, src.Wo = g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, g.Wo
+    with nogil:
+        apack = alloc_aligned(g.groups * Mpad * red, &out[0, 0, 0, 0])
+        if apack == NULL:
+            status = -1
+        else:
+            # The weights of group grp are rows grp*Kg ... of the (K, red) matrix w.
+            for grp in range(g.groups):
+                pack_a(&w[0, 0, 0, 0] + grp * g.Kg * red, red, g.Kg, red,
+                       apack + grp * Mpad * red)
+            status = gemm_run(apack, g.Kg, red, P, &x[0, 0, 0, 0], g.C * g.H * g.W,
+                              g.Cg * g.H * g.W, &src, &out[0, 0, 0, 0], P, g.K * P, g.Kg * P,
+                              Mpad * red, pb, relu, g.N, g.groups, m_block, n_block)
+            free(apack)
+    if status:
+        raise MemoryError("conv2d/cython/tiled: could not allocate packing buffers")
+
+
+@lru_cache(maxsize=256)
+def _grid(Kg, P, outer, dtype_char):
+    mr, nr = micro_tile("float32" if dtype_char == "f" else "float64")
+    return task_grid(Kg, P, outer, mr, nr, openmp.omp_get_max_threads())
+
+
+def conv2d_tiled_epilogue(x, w, out, p, bias=None, relu=False):
+    """The tiled conv with an optional bias (K,) + ReLU epilogue applied in the write-back
+    (micro-kernel registers, or the finished row for depthwise). Used by conv2d/tiled
+    (no epilogue) and conv2d_bias_relu/fused."""
+    g = geometry(x, w, out, p)
+    if g.Cg == 1:  # depthwise (and any one-channel-per-group conv): direct, memory bound
+        if x.dtype.char == "f":
+            planes_run[float](x, w, out, g, True, bias, relu)
+        else:
+            planes_run[double](x, w, out, g, True, bias, relu)
+        return
+    m_block, n_block = _grid(g.Kg, g.Ho * g.Wo, g.N * g.groups, x.dtype.char)
+    if x.dtype.char == "f":
+        implicit_gemm_run[float](x, w, out, g, bias, relu, m_block, n_block)
+    else:
+        implicit_gemm_run[double](x, w, out, g, bias, relu, m_block, n_block)
+
+
+@register("conv2d", "cython", "tiled",
+          "implicit GEMM: im2col packed on the fly into the AVX-512 micro-kernel; direct depthwise")
+def conv2d_tiled(x, w, out, p):
+    """Stage 4 · tiled.
+
+    Changed since `parallel`: convolution as an implicit GEMM on the matmul chapter's engine
+    (gemm.pxi + microkernel.h). Per group, out (K/g, Ho*Wo) = W (K/g, C/g*kH*kW) @ B where
+    row (c, r, s) / column (oh, ow) of B is x[c, oh*sh - pt + r*dh, ow*sw - pl + s*dw] or 0.
+    The weights are packed once into MR-row slivers; B is never materialised: each task packs
+    KC x NC blocks of it straight from the image into NR-column slivers (a row of a sliver is
+    a few contiguous memcpy runs, one per output row it crosses, zero-filled in the padding),
+    then the 8 x 32 register micro-kernel runs on them.
+    Tasks are (image, group, channel block, pixel block), sized by `task_grid` so the 2
+    threads get equal work even for 7 x 7 outputs (split over channels instead of pixels).
+    Why implicit GEMM rather than a direct conv with a blocked channel layout: it reuses the
+    matmul micro-kernel unchanged, needs no re-layout of x or out (NCHW in and out), and
+    packing B costs O(C*kH*kW*Ho*Wo) copies against 2*K times as many FLOPs.
+    Depthwise (one input channel per group) has no reduction to block (C/g * kH * kW = 9
+    for 3x3) and is memory bound, so it keeps the `parallel` stage's direct row-axpy path.
+    Bottleneck removed: arithmetic intensity: each packed element of B feeds MR FMAs from a
+    register, each weight NR FMAs; out is written once per KC block.
+    Still missing: B packing is redone for every channel block of a task grid that splits
+    channels; no prefetching; the 1x1 case still copies x into slivers.
+    """
+    conv2d_tiled_epilogue(x, w, out, p)
