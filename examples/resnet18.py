@@ -1,0 +1,118 @@
+"""ResNet-18 end to end: a PyTorch model converted to a fastops graph, checked and timed.
+
+What this shows:
+
+1. ``fastops.nn.from_torch`` traces a ``torch.nn`` ResNet-18 (random weights, eval mode) with
+   torch.fx and builds a fastops graph.
+2. Before the first run the graph folds each BatchNorm into its conv, fuses conv+bias+ReLU into
+   one ``conv2d_bias_relu`` kernel, pre-transposes the classifier's weight and packs weights
+   once; ``fastops.tune`` times the candidate kernels per layer shape and caches the winners.
+3. The output is compared with PyTorch eval mode (max abs error, float32), then end-to-end
+   latency is measured against PyTorch eager with 2 threads, interleaved in blocks (each block
+   starts with an untimed call, because switching between two OpenMP thread pools costs a
+   scheduler tick on a 2-core machine), reporting medians.
+
+    python examples/resnet18.py            # batch 1 and 8, 10 rounds
+    python examples/resnet18.py --quick    # batch 1 only, 3 rounds (a smoke test)
+
+Needs torch (the optional ``bench`` extra). Weights are random: the classes mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+
+def timed(fn, x, reps):
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 rounds")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 8")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (10)")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per block")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-tune", action="store_true", help="use the default kernels")
+    parser.add_argument("--backend", default=None, help="restrict fastops to one backend")
+    args = parser.parse_args(argv)
+    batches = args.batches or ([1] if args.quick else [1, 8])
+    rounds = args.rounds or (3 if args.quick else 10)
+
+    try:
+        import torch
+    except ImportError:
+        sys.exit("examples/resnet18.py needs torch (pip install 'fastops[bench]')")
+    import numpy as np
+
+    import fastops
+    import fastops.nn as fnn
+    from fastops import tuning
+    from fastops.nn.zoo import torch_resnet18
+
+    torch.set_num_threads(args.threads)
+    print(f"fastops {fastops.__version__}; implementations: "
+          f"{', '.join(sorted({i.backend for i in fastops.implementations()}))}; "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    model = torch_resnet18(seed=0)
+    graph = fnn.from_torch(model, backend=args.backend, autotune=not args.no_tune)
+
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+        start = time.perf_counter()
+        if args.no_tune:
+            got = graph.prepare(x, tune=False)
+            tuned = {}
+        else:
+            tuned = tuning.tune(graph, x)
+            got = graph(x)
+        prepare_s = time.perf_counter() - start
+        with torch.no_grad():
+            expected = model(x)
+        err = (got - expected).abs().max().item()
+        scale = expected.abs().max().item()
+        ok = err <= 1e-4 * scale
+        kernels = graph.kernels()
+        used = {}
+        for name in kernels.values():
+            used[name] = used.get(name, 0) + 1
+        print(f"\nbatch {batch}: prepare + first run {prepare_s:.2f} s ({len(tuned)} problems "
+              f"timed; cache {tuning.cache_path()})")
+        print(f"  max abs error vs PyTorch eval: {err:.3g} (output scale {scale:.3g}, "
+              f"{'OK' if ok else 'TOO LARGE'}: bound 1e-4 x scale)")
+        print("  kernels: " + ", ".join(f"{n} x{c}" for n, c in sorted(used.items())))
+
+        torch_times, fast_times = [], []
+        with torch.no_grad():
+            for _ in range(rounds):
+                model(x)  # untimed: switch to torch's thread pool
+                torch_times += timed(model, x, args.reps)
+                graph(x)  # untimed: switch to fastops' kernels' pool
+                fast_times += timed(graph, x, args.reps)
+        t_med, f_med = statistics.median(torch_times), statistics.median(fast_times)
+        rows.append((batch, f_med, min(fast_times), t_med, min(torch_times), err))
+        print(f"  fastops {f_med * 1e3:8.2f} ms (min {min(fast_times) * 1e3:.2f})   "
+              f"PyTorch eager {t_med * 1e3:8.2f} ms (min {min(torch_times) * 1e3:.2f})   "
+              f"fastops/PyTorch = {f_med / t_med:.2f}x")
+        if not ok:
+            raise SystemExit(f"batch {batch}: output differs from PyTorch by {err:.3g}")
+
+    print("\n| batch | fastops median ms | PyTorch median ms | ratio | max abs err |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch, f_med, _f_min, t_med, _t_min, err in rows:
+        print(f"| {batch} | {f_med * 1e3:.2f} | {t_med * 1e3:.2f} | {f_med / t_med:.2f}x "
+              f"| {err:.2g} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
