@@ -102,7 +102,7 @@ def select(ops, backends=None, stages=None, dtype="float32", mode="quick",
 
 
 # ---------------------------------------------------------------------------------- callables
-def _make_call(entry: Entry, arrays: dict, dtype):
+def make_call(entry: Entry, arrays: dict, dtype):
     """(call, result) for one entry: call() runs it once; result() returns the output (NumPy)."""
     case = entry.case
     if entry.backend == "torch":
@@ -177,7 +177,7 @@ class Settings:
         return cls(dtype, mode, check=check)
 
 
-def _set_torch_threads():
+def set_torch_threads():
     import torch
 
     try:
@@ -195,7 +195,7 @@ def run_entries(entries: list[Entry], settings: Settings, progress=None) -> None
     from ..testing import assert_close
 
     if any(e.backend == "torch" for e in entries):
-        _set_torch_threads()
+        set_torch_threads()
     by_case: dict = {}
     for e in entries:
         by_case.setdefault(e.case, []).append(e)
@@ -209,7 +209,7 @@ def run_entries(entries: list[Entry], settings: Settings, progress=None) -> None
         timed, results = [], {}
         for e in todo:
             try:
-                call, result = _make_call(e, arrays, settings.dtype)
+                call, result = make_call(e, arrays, settings.dtype)
             except Exception as exc:  # noqa: BLE001 - reported as an error row
                 e.status, e.reason = "error", f"{type(exc).__name__}: {exc}"
                 continue
