@@ -136,21 +136,16 @@ _serialised_parallel = serialised(_matmul_parallel)
 
 # ---------------------------------------------------------------------------------- stage 4
 @jit()
-def pack_a(a, row0, rows, col0, cols, apk):
-    """Copy a[row0:row0+rows, col0:col0+cols] into MR-tall panels, zero-padding the last.
+def padded_rows(a, row0, rows):
+    """a[row0:row0+rows] copied into a zero-padded (MR, K) block, for an edge tile of rows < MR.
 
-    a: (M, K); apk: (ceil(rows/MR), >= cols, MR), apk[panel, p, i] = a[row0 + panel*MR + i,
-    col0 + p]. One panel is read by the micro-kernel front to back, MR values per k step.
+    Full tiles read A in place (see micro_kernel); only the last, short row block needs this.
     """
-    for panel in range((rows + MR - 1) // MR):
-        for i in range(MR):
-            r = panel * MR + i
-            if r < rows:
-                for p in range(cols):
-                    apk[panel, p, i] = a[row0 + r, col0 + p]
-            else:
-                for p in range(cols):
-                    apk[panel, p, i] = 0.0
+    block = np.zeros((MR, a.shape[1]), dtype=a.dtype)
+    for i in range(rows):
+        for p in range(a.shape[1]):
+            block[i, p] = a[row0 + i, p]
+    return block
 
 
 @jit()
@@ -191,12 +186,15 @@ def _store_row(acc, out, row, col0, width, accumulate, bias, bias_row, last, rel
 
 
 @jit(fastmath=FASTMATH)
-def micro_kernel(apanel, a_k0, bpanel, b_k0, kc, out, row0, col0, rows, cols, accumulate, bias,
-                 last, relu):
-    """out[row0:row0+rows, col0:col0+cols] (+)= apanel[a_k0:a_k0+kc].T @ bpanel[b_k0:b_k0+kc].
+def micro_kernel(amat, a_row0, a_k0, bpanel, b_k0, kc, out, row0, col0, rows, cols, accumulate,
+                 bias, last, relu):
+    """out[row0:row0+rows, col0:col0+cols] (+)=
+    amat[a_row0:a_row0+MR, a_k0:a_k0+kc] @ bpanel[b_k0:b_k0+kc, :NR].
 
     The MR x NR block of out stays in registers for the whole kc-long reduction.
-    apanel: (>= a_k0 + kc, MR) packed rows of A; bpanel: (>= b_k0 + kc, NR) packed columns of B;
+    amat: (>= a_row0 + MR, >= a_k0 + kc) row-major A, read in place: its MR rows are MR
+    sequential streams, which the hardware prefetchers follow (packing A into (kc, MR) panels
+    measured no faster). bpanel: (>= b_k0 + kc, NR) packed columns of B;
     out: (M, N); rows <= MR, cols <= NR (the edge tiles); bias: (M,) added on the ``last`` K
     block, or an empty array for none.
 
@@ -204,7 +202,7 @@ def micro_kernel(apanel, a_k0, bpanel, b_k0, kc, out, row0, col0, rows, cols, ac
     as NR/16 zmm registers (float32) only when every index is a compile-time constant, which a
     loop over rows would hide.
     """
-    dtype = apanel.dtype
+    dtype = bpanel.dtype
     c0 = stack_vector(NR, dtype)
     c1 = stack_vector(NR, dtype)
     c2 = stack_vector(NR, dtype)
@@ -221,12 +219,12 @@ def micro_kernel(apanel, a_k0, bpanel, b_k0, kc, out, row0, col0, rows, cols, ac
     for p in range(kc):
         # one k step: an outer product of a column of A (MR values) and a row of B (NR values)
         pa = a_k0 + p
-        a0 = apanel[pa, 0]
-        a1 = apanel[pa, 1]
-        a2 = apanel[pa, 2]
-        a3 = apanel[pa, 3]
-        a4 = apanel[pa, 4]
-        a5 = apanel[pa, 5]
+        a0 = amat[a_row0, pa]
+        a1 = amat[a_row0 + 1, pa]
+        a2 = amat[a_row0 + 2, pa]
+        a3 = amat[a_row0 + 3, pa]
+        a4 = amat[a_row0 + 4, pa]
+        a5 = amat[a_row0 + 5, pa]
         pb = b_k0 + p
         for j in range(NR):
             bj = bpanel[pb, j]
@@ -282,21 +280,20 @@ def _matmul_tiled(a, b, out, threads):
     tiles_m = (m + mc - 1) // mc
     tiles_n = (n + nc - 1) // nc
     no_bias = np.empty(0, dtype=out.dtype)
+    a_edge = padded_rows(a, m - m % MR, m % MR)  # (MR, K): the last, short row block
     for tile in prange(tiles_m * tiles_n):  # each thread owns whole mc x nc tiles of out
         row0 = (tile // tiles_n) * mc
         col0 = (tile % tiles_n) * nc
         rows = min(mc, m - row0)
         cols = min(nc, n - col0)
-        apk = np.empty(((rows + MR - 1) // MR, KC, MR), dtype=a.dtype)  # L2: the A block
         for k0 in range(0, k, KC):
             kc = min(KC, k - k0)
-            pack_a(a, row0, rows, k0, kc, apk)
-            for ip in range(apk.shape[0]):  # an A panel (kc x MR, 6 KiB) stays in L1 ...
-                for jp in range((cols + NR - 1) // NR):  # ... while B panels stream from L2
-                    micro_kernel(apk[ip], 0, bpk[col0 // NR + jp], k0, kc, out,
-                                 row0 + ip * MR, col0 + jp * NR,
-                                 min(MR, rows - ip * MR), min(NR, cols - jp * NR),
-                                 k0 > 0, no_bias, k0 + kc >= k, False)
+            for r in range(row0, row0 + rows, MR):  # MR rows of A (kc x MR, 6 KiB) in L1 ...
+                amat, a_row0 = (a, r) if r + MR <= m else (a_edge, 0)
+                for c in range(col0, col0 + cols, NR):  # ... while B panels stream from L2
+                    micro_kernel(amat, a_row0, k0, bpk[c // NR], k0, kc, out, r, c,
+                                 min(MR, m - r), min(NR, n - c), k0 > 0, no_bias,
+                                 k0 + kc >= k, False)
 
 
 @register("matmul", "numba", "tiled", "packed B/A panels in L2/L1, 6x32 register-blocked micro-kernel")
