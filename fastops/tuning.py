@@ -175,18 +175,23 @@ def select(labels, run_of, measure, reps: int = REPS, margin: float = MARGIN,
     """Time ``labels`` (the default first) and return (winner, {label: median or None}).
 
     ``run_of(label)`` gives a zero-argument callable running that candidate once; ``measure``
-    times it (tests pass a fake). Each candidate gets one untimed warm-up call (JIT compile,
-    first-touch of its scratch memory, and the switch between thread pools, which costs one
-    4 ms scheduler tick on this machine), then one timed probe: if that is already more than
-    ``prune`` times the best median so far the candidate is dropped (None) without more runs.
+    times it (tests pass a fake). Three phases:
+
+    1. each candidate gets one untimed warm-up call (JIT compile, first touch of its scratch
+       memory, the switch of thread pools: one 4 ms scheduler tick on this 2-core machine),
+       then one timed probe;
+    2. a candidate whose probe is more than ``prune`` times the best probe is dropped (None),
+       so a stage 10x slower than the default costs two calls, not ``reps`` (the default is
+       never dropped);
+    3. the survivors run ``reps - 1`` more times *interleaved* (A B C A B C ...), so a burst of
+       load from other processes hits every candidate alike instead of one block; medians.
     """
-    medians: dict = {}
-    best_so_far = float("inf")
+    runs, times, medians = {}, {}, {}
     for n, label in enumerate(labels):
         run = run_of(label)
         try:
             run()  # warm-up, untimed
-            probe = measure(run, 1)
+            times[label] = measure(run, 1)
         except Exception as exc:  # noqa: BLE001 - a failing candidate is not a winner
             if n == 0:
                 raise
@@ -194,14 +199,19 @@ def select(labels, run_of, measure, reps: int = REPS, margin: float = MARGIN,
                           RuntimeWarning, stacklevel=2)
             medians[label] = None
             continue
-        if n > 0 and probe[0] > prune * best_so_far:
+        runs[label] = run
+    best_probe = min(t[0] for t in times.values())
+    for label in list(runs):
+        if label != labels[0] and times[label][0] > prune * best_probe:
             medians[label] = None
-            continue
-        times = probe + measure(run, max(reps - 1, 0))
-        medians[label] = statistics.median(times)
-        best_so_far = min(best_so_far, medians[label])
+            del runs[label]
+    for _ in range(max(reps - 1, 0)):
+        for label, run in runs.items():
+            times[label] += measure(run, 1)
+    for label in runs:
+        medians[label] = statistics.median(times[label])
     timed = {k: v for k, v in medians.items() if v is not None}
-    return pick(timed, labels[0], margin), medians
+    return pick(timed, labels[0], margin), {label: medians.get(label) for label in labels}
 
 
 def tune_problem(op: str, device: str, dtype, backend: str | None, plan, *, measure=None,
