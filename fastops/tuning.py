@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -358,6 +359,7 @@ def cache_dir() -> Path:
     return Path(base) / "fastops"
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -369,6 +371,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+@functools.lru_cache(maxsize=None)
 def gpu_model() -> str | None:
     """The CUDA device name when the CuPy backend is available here, else None."""
     from . import backends
@@ -394,6 +397,14 @@ def machine() -> dict:
 
 
 def machine_key() -> str:
+    """``<cpu model slug>-<hash of machine()>``: the cache file's name."""
+    from . import __version__
+
+    return _machine_key(__version__)
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_key(_version) -> str:
     info = machine()
     digest = hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:10]
     slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40] or "cpu"

@@ -152,10 +152,14 @@ class Graph:
         """Optimise, plan and (with ``tune``) tune for inputs shaped like ``x``; returns the
         output of that first run. ``tune=None`` keeps the graph's ``autotune`` setting."""
         graph = self if self._is_optimized else self.optimized()
+        saved = graph.autotune
         if tune is not None:
-            graph.autotune = self.autotune = tune
+            graph.autotune = tune
         graph._plans.pop(self._plan_key(np.asarray(x)), None)
-        return self(x)
+        try:
+            return self(x)
+        finally:
+            graph.autotune = saved
 
     @staticmethod
     def _plan_key(x):
