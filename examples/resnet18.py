@@ -42,6 +42,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3, help="timed calls per block")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-tune", action="store_true", help="use the default kernels")
+    parser.add_argument("--retune", action="store_true", help="re-time cached layer shapes")
     parser.add_argument("--backend", default=None, help="restrict fastops to one backend")
     args = parser.parse_args(argv)
     batches = args.batches or ([1] if args.quick else [1, 8])
@@ -73,7 +74,7 @@ def main(argv=None):
             got = graph.prepare(x, tune=False)
             tuned = {}
         else:
-            tuned = tuning.tune(graph, x)
+            tuned = tuning.tune(graph, x, retune=args.retune)
             got = graph(x)
         prepare_s = time.perf_counter() - start
         with torch.no_grad():

@@ -268,8 +268,17 @@ def _resolve(op: str, entry: dict, dtype):
     return impl
 
 
+class _Tuned(dict):
+    """{problem key: winner} timed inside one :func:`autotuning` block; ``retune``: re-time
+    problems even when cached (once per block)."""
+
+    def __init__(self, retune=False):
+        super().__init__()
+        self.retune = retune
+
+
 class _Session(threading.local):
-    """Per-thread: the dict of problems tuned inside an active :func:`autotuning` block."""
+    """Per-thread stack of the active :func:`autotuning` blocks."""
 
     def __init__(self):
         self.stack = []
@@ -282,12 +291,13 @@ _session = _Session()
 
 
 @contextlib.contextmanager
-def autotuning():
-    """Inside this block, calls that name no stage tune their problem if it is not cached yet.
+def autotuning(retune: bool = False):
+    """Inside this block, calls that name no stage tune their problem if it is not cached yet
+    (``retune=True``: even if it is, e.g. after timing on a busy machine).
 
     Yields a dict that fills with ``{problem key: winning 'backend/stage'}``.
     """
-    tuned: dict = {}
+    tuned = _Tuned(retune)
     _session.stack.append(tuned)
     try:
         yield tuned
@@ -305,8 +315,12 @@ def choice(op: str, device: str, dtype, backend: str | None, plan, tune: bool | 
     if not enabled():
         return None
     dtype = np.dtype(dtype)
-    entry = _load().get(problem_key(op, device, dtype, backend, plan))
+    key = problem_key(op, device, dtype, backend, plan)
+    entry = _load().get(key)
     wants = _wants_tuning(tune)
+    session = _session.get()
+    if wants and session is not None and session.retune and key not in session:
+        entry = None  # re-time it, once in this block
     if entry is not None:
         impl = _resolve(op, entry, dtype)
         # Only when asked to tune: is the entry stale (timed before a stage was added)?
@@ -329,17 +343,18 @@ def _candidate_labels(op, device, dtype, backend, plan):
     return sorted(label for label, _ in candidates(op, device, dtype, backend, _flops(op, plan)))
 
 
-def tune(model_or_fn, *example_inputs, **kwargs) -> dict:
+def tune(model_or_fn, *example_inputs, retune: bool = False, **kwargs) -> dict:
     """Pre-tune a model: run it once on example inputs with autotuning on.
 
     ``model_or_fn`` is a ``fastops.nn`` graph (its layers are tuned at ``prepare``) or any
     callable that calls fastops ops (each op call with no stage names is tuned on its shape).
     Returns ``{problem key: 'backend/stage'}`` for the problems timed during this call (empty
-    when everything was already cached, or when ``FASTOPS_AUTOTUNE=0``).
+    when everything was already cached, or when ``FASTOPS_AUTOTUNE=0``). ``retune=True``
+    re-times every problem the model meets, replacing the cached winners.
     """
     if not enabled():
         return {}
-    with autotuning() as tuned:
+    with autotuning(retune) as tuned:
         prepare = getattr(model_or_fn, "prepare", None)
         if prepare is not None:
             prepare(*example_inputs, tune=True, **kwargs)

@@ -210,6 +210,8 @@ def test_tune_a_function_times_once_then_uses_the_cache(rng):
                                                            1, 1))]
     assert fastops.tuning.tune(lambda a: fastops.conv2d_bias_relu(
         a, w, np.zeros(4, np.float32), padding=1), x) == {}
+    assert len(fastops.tuning.tune(lambda a: fastops.conv2d_bias_relu(
+        a, w, np.zeros(4, np.float32), padding=1), x, retune=True)) == 1
     # outside tune(), a plain call never times anything
     before = tuning.cache_info()["entries"]
     fastops.conv2d(x[:, :, :5], w)
