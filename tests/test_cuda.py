@@ -1,0 +1,570 @@
+"""The CUDA (CuPy) backend: graceful absence, compile checks, CPU emulation, GPU correctness.
+
+Four layers, so that most of the backend is checked on machines without a GPU:
+
+1. Without CuPy or a GPU, fastops imports, lists its implementations, and reports the cupy
+   backend as unavailable with a reason.
+2. Every ``.cu`` source under kernels/cuda compiles with ``nvcc`` for sm_80 and sm_90, with the
+   exact ``-D`` defines the loader uses, and no kernel spills registers (skipped without nvcc);
+   the same text also compiles with NVRTC when libnvrtc can be loaded (what CuPy uses).
+3. The kernels *run* on the CPU: the expanded CUDA source is compiled with g++ behind a small
+   emulation of the CUDA execution model (one std::thread per CUDA thread, std::barrier for
+   __syncthreads, a block at a time, so ``__shared__`` is a static array), and the real Python
+   launchers in kernels/cuda/*.py drive it through a stand-in ``cupy`` module. Every stage is
+   checked against the float64 oracle: grids, index math, bounds checks and tile loops are
+   exercised for real; only warp timing and memory-model subtleties are not (skipped without
+   g++).
+4. On a machine with CuPy and a GPU, every registered cupy stage is checked against the
+   oracle through the public API: CuPy in -> CuPy out on the same device, NumPy in -> NumPy out.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastops
+from fastops import backends, oracle, registry
+from fastops.kernels.cuda import _loader
+from fastops.testing import assert_close
+from fastops.validation import check_conv2d
+
+MATMUL_LADDER = ["naive", "coalesced", "smem", "blocktiled", "vectorized", "warptiled"]
+CONV_LADDER = ["naive", "implicit_gemm"]
+FUSED_LADDER = CONV_LADDER + ["fused"]
+CUDA_DIR = Path(_loader.__file__).parent
+KERNEL_MODULES = ("fastops.kernels.cuda.matmul", "fastops.kernels.cuda.conv2d",
+                  "fastops.kernels.cuda.conv2d_bias_relu")
+
+# (M, K, N): 1s, primes, non-multiples of every tile (32, 128), K across BK = 8 and 16, and
+# K, N multiples of 4 so the float4 paths run with partial tiles.
+MATMUL_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 31, 13), (130, 37, 129), (33, 68, 20),
+                 (65, 20, 132), (1, 300, 1), (127, 131, 257)]
+EMULATED_MATMUL_SHAPES = MATMUL_SHAPES[:6]
+
+# (N, C, H, W, K, kH, kW, stride, padding, dilation, groups)
+CONV_CASES = [
+    (1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
+    (2, 3, 7, 9, 5, 3, 3, 1, 1, 1, 1),
+    (2, 4, 11, 13, 6, 3, 2, (2, 1), (1, 2), (1, 2), 2),
+    (1, 6, 10, 10, 6, 3, 3, 1, 1, 1, 6),               # depthwise: narrow tile
+    (3, 8, 9, 7, 16, 1, 1, 1, 0, 1, 1),                 # 1x1, K/groups = 16: wide tile
+    (1, 3, 23, 23, 8, 7, 7, 2, 3, 1, 1),                # stem-like 7x7 stride 2
+    (2, 64, 9, 9, 70, 3, 3, 1, 1, 1, 1),                # 70 channels: a 64-tile plus a tail
+    (1, 32, 8, 8, 64, 3, 3, 1, "same", 2, 2),           # dilation 2, groups 2
+    (1, 4, 6, 5, 8, 2, 4, 1, "same", 1, 1),             # even kernel: asymmetric padding
+    (2, 16, 7, 7, 32, 3, 3, 2, 1, 1, 4),                # K/groups = 8: narrow tile
+]
+
+
+def _case_id(case):
+    return "x".join(str(v).replace(" ", "") for v in case)
+
+
+# ------------------------------------------------------------------------------ checks
+def check_matmul(run, shape, rng, what, nan=False):
+    """run(a, b) -> NumPy result for float32 NumPy inputs; compared with the float64 oracle."""
+    m, k, n = shape
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    if nan:
+        a[m // 2, k // 2] = np.nan  # the whole row m // 2 of the result must be NaN
+    got = run(a, b)
+    ref = oracle.matmul(a, b)
+    assert_close(got, ref, oracle.matmul(np.abs(a), np.abs(b)), k, np.float32, what)
+    if nan:
+        assert np.isnan(got[m // 2]).all(), f"{what}: NaN did not propagate"
+
+
+def conv_inputs(case, dtype, rng, nan=False):
+    n, c, h, w, k, kh, kw, stride, padding, dilation, groups = case
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c // groups, kh, kw)).astype(dtype)
+    bias = rng.standard_normal(k).astype(dtype)
+    if nan:
+        x[0, 0, h // 2, w // 2] = np.nan
+    return x, wt, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def check_conv(run, case, dtype, rng, what, fused=False, nan=False):
+    """run(x, w, bias_or_None, kw) -> NumPy result; compared with the float64 oracle."""
+    x, wt, bias, kw = conv_inputs(case, dtype, rng, nan)
+    b = bias if fused else None
+    got = run(x, wt, b, kw)
+    ref = oracle.conv2d(x, wt, b, relu=fused, **kw)
+    abs_ref = oracle.conv2d(x, wt, b, relu=fused, absolute=True, **kw)
+    reduction = (wt.shape[1] * wt.shape[2] * wt.shape[3]) + (1 if fused else 0)
+    assert_close(got, ref, abs_ref, reduction, dtype, what)
+    if nan:
+        assert np.isnan(got).any(), f"{what}: NaN did not propagate"
+
+
+# ------------------------------------------------------------------------------ 1. no GPU
+def test_fastops_imports_and_lists_without_gpu():
+    impls = fastops.implementations()
+    assert any(i.backend == "numpy" for i in impls)
+    missing = backends.unavailable()
+    if "cupy" in missing:
+        reason = missing["cupy"]
+        assert "CuPy not installed" in reason or "no CUDA GPU" in reason, reason
+        assert not [i for i in impls if i.backend == "cupy"]
+        with pytest.raises(ValueError, match="cupy is not available here"):
+            fastops.matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
+                           backend="cupy", stage="naive")
+    else:
+        assert [i.stage for i in registry.ladder("matmul", "cupy")] == MATMUL_LADDER
+        assert [i.stage for i in registry.ladder("conv2d", "cupy")] == CONV_LADDER
+        assert [i.stage for i in registry.ladder("conv2d_bias_relu", "cupy")] == FUSED_LADDER
+        assert all(i.device == "gpu" for i in registry.implementations(backend="cupy"))
+
+
+def test_require_cupy_says_cupy_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    with pytest.raises(ImportError, match="CuPy not installed"):
+        _loader.require_cupy()
+
+
+def test_require_cupy_says_no_gpu(monkeypatch):
+    def no_devices():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(is_available=lambda: False,
+                                      runtime=types.SimpleNamespace(getDeviceCount=no_devices))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(ImportError, match="no CUDA GPU available: .*cudaErrorNoDevice"):
+        _loader.require_cupy()
+
+
+def test_every_cuda_source_has_a_build_variant():
+    sources = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+    assert sources == sorted(_loader.BUILD_VARIANTS), "each .cu needs its -D variants in _loader"
+    for name in sources:
+        text = _loader.expanded_source(name)
+        assert not re.search(r'^\s*#\s*include', text, re.MULTILINE), f"{name}: include left"
+        assert re.search(r'extern "C" __global__', text)
+
+
+# ------------------------------------------------------------------------------ 2. compile
+NVCC = shutil.which("nvcc")
+KERNEL_NAME = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\([^\n]*\)\s+)?(\w+)')
+VARIANTS = [(src, i) for src, variants in _loader.BUILD_VARIANTS.items()
+            for i in range(len(variants))]
+
+
+def _variant_id(v):
+    src, i = v
+    return f"{src}-{_loader.BUILD_VARIANTS[src][i].get('REAL', 'float')}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_nvcc_compiles(variant, tmp_path):
+    """nvcc: PTX for sm_80 and a cubin for sm_90 whose ptxas report shows no register spills."""
+    src, i = variant
+    defines = _loader.BUILD_VARIANTS[src][i]
+    code = _loader.expanded_source(src)
+    path = tmp_path / src
+    path.write_text(code)
+    entries = KERNEL_NAME.findall(code)
+    assert entries
+    opts = list(_loader.options(defines))
+    ptx = tmp_path / "out.ptx"
+    r = subprocess.run([NVCC, "--ptx", "-arch=sm_80", *opts, "-o", str(ptx), str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"nvcc sm_80 failed:\n{r.stderr}"
+    ptx_text = ptx.read_text()
+    for name in entries:
+        assert f".entry {name}(" in ptx_text, f"{name} missing from the PTX"
+    r = subprocess.run([NVCC, "--cubin", "-arch=sm_90", "-Xptxas", "-v", *opts,
+                        "-o", str(tmp_path / "out.cubin"), str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"nvcc sm_90 failed:\n{r.stderr}"
+    report = r.stdout + r.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(spills) == len(entries), report
+    assert all(s == ("0", "0") for s in spills), f"register spills:\n{report}"
+    assert "warning" not in report.lower(), report
+
+
+def _nvrtc():
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception as exc:  # noqa: BLE001 - no CuPy, or no libnvrtc
+        pytest.skip(f"NVRTC not loadable here: {type(exc).__name__}: {str(exc)[:120]}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_nvrtc_compiles(variant):
+    """NVRTC (CuPy's compiler) accepts the same text and options, no GPU needed."""
+    nvrtc = _nvrtc()
+    src, i = variant
+    prog = nvrtc.createProgram(_loader.expanded_source(src), src, (), ())
+    try:
+        for arch in ("compute_80", "compute_90"):
+            try:
+                nvrtc.compileProgram(prog, [*_loader.options(_loader.BUILD_VARIANTS[src][i]),
+                                            f"-arch={arch}"])
+            except Exception as exc:  # noqa: BLE001
+                pytest.fail(f"NVRTC {arch}: {exc}\n{nvrtc.getProgramLog(prog)}")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+# ------------------------------------------------------------------------------ 3. emulation
+EMULATION_PRELUDE = r"""
+// CPU emulation of the CUDA execution model, enough for fastops' kernels: a block's threads
+// are std::threads meeting at a std::barrier; blocks run one after another, so __shared__
+// arrays can be function-static. No warp-level operations are used by the kernels.
+#include <barrier>
+#include <thread>
+#include <vector>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+static dim3 blockIdx, blockDim, gridDim;
+static thread_local dim3 threadIdx;
+static std::barrier<>* emu_barrier;
+static inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
+struct alignas(16) float4 { float x, y, z, w; };
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+template <class F> static void emulate(dim3 grid, dim3 block, F body) {
+    gridDim = grid; blockDim = block;
+    const unsigned nt = block.x * block.y * block.z;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+        blockIdx = {bx, by, bz};
+        std::barrier<> bar(nt);
+        emu_barrier = &bar;
+        std::vector<std::thread> threads;
+        threads.reserve(nt);
+        for (unsigned t = 0; t < nt; ++t)
+            threads.emplace_back([&, t] {
+                threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                body();
+            });
+        for (auto& th : threads) th.join();
+    }
+}
+"""
+
+
+class _EmuDevice:
+    id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class EmuArray(np.ndarray):
+    """A NumPy array with the two CuPy attributes the launchers use (.data.ptr, .device)."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+    @property
+    def device(self):
+        return _EmuDevice()
+
+
+def emu(array):
+    return np.ascontiguousarray(array).view(EmuArray)
+
+
+class _EmuKernel:
+    def __init__(self, lib, name, params):
+        self.name, self.params = name, params
+        self.fn = getattr(lib, f"fastops_launch_{name}")
+        self.fn.restype = None
+
+    def __call__(self, grid, block, args):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        assert grid[1] <= 65535 and grid[2] <= 65535 and grid[0] < 2**31, grid
+        assert np.prod(block) <= 1024, block
+        assert len(args) == len(self.params), (
+            f"{self.name}: {len(args)} arguments passed, kernel takes {self.params}")
+        holders = []
+        for value, ptype in zip(args, self.params):
+            if "*" in ptype:
+                assert isinstance(value, np.ndarray), f"{self.name}: array expected for {ptype}"
+                assert ("double" in ptype) == (value.dtype == np.float64), (ptype, value.dtype)
+                holders.append(ctypes.c_void_p(value.__array_interface__["data"][0]))
+            else:
+                assert ptype == "int" and isinstance(value, np.int32), (ptype, type(value))
+                holders.append(ctypes.c_int(int(value)))
+        argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        self.fn(*[ctypes.c_uint(v) for v in grid + block], argv)
+
+
+class _EmuModule:
+    """Stand-in for cupy.RawModule: builds the CUDA text with g++ behind EMULATION_PRELUDE."""
+
+    build_dir: Path
+    built: dict = {}  # digest of (text, defines) -> (library, kernel parameter types)
+
+    def __init__(self, code, options=()):
+        defines = [o for o in options if o.startswith("-D")]
+        text = EMULATION_PRELUDE + code
+        digest = hashlib.sha1((text + " ".join(defines)).encode()).hexdigest()[:16]
+        if digest not in self.built:
+            self.built[digest] = self._build(code, text, defines, digest)
+        self.lib, self.kernels = self.built[digest]
+
+    def _build(self, code, text, defines, digest):
+        src = self.build_dir / f"emu_{digest}.cpp"
+        src.write_text(text)
+        cmd = ["g++", "-std=c++20", "-pthread", "-fno-strict-aliasing", "-w", *defines]
+        pre = subprocess.run([*cmd, "-E", "-P", str(src)], capture_output=True, text=True)
+        assert pre.returncode == 0, pre.stderr[-3000:]
+        cuda_names = set(KERNEL_NAME.findall(code))
+        kernels = {}
+        for name, params in re.findall(r'extern "C" void\s+(\w+)\s*\(([^)]*)\)\s*\{', pre.stdout):
+            if name not in cuda_names:
+                continue
+            types_ = [re.sub(r"\s+", " ", p.replace("__restrict", "")).strip().rsplit(" ", 1)[0]
+                      for p in params.split(",")]
+            kernels[name] = [t.replace(" *", "*") for t in types_]
+        launchers = []
+        for name, ptypes in kernels.items():
+            call = ", ".join(f"*({t}*)a[{i}]" for i, t in enumerate(ptypes))
+            launchers.append(
+                f'extern "C" void fastops_launch_{name}(unsigned gx, unsigned gy, unsigned gz, '
+                f"unsigned bx, unsigned by, unsigned bz, void** a) {{ emulate({{gx, gy, gz}}, "
+                f"{{bx, by, bz}}, [&] {{ {name}({call}); }}); }}")
+        src.write_text(text + "\n" + "\n".join(launchers) + "\n")
+        lib = src.with_suffix(".so")
+        r = subprocess.run([*cmd, "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return ctypes.CDLL(str(lib)), kernels
+
+    def get_function(self, name):
+        assert name in self.kernels, f"no kernel {name!r} in the source; has {list(self.kernels)}"
+        return _EmuKernel(self.lib, name, self.kernels[name])
+
+
+@pytest.fixture
+def emulated(tmp_path_factory):
+    """The cupy stages, imported against a stand-in cupy that runs kernels on the CPU.
+
+    Returns {(op, stage): Implementation-like record}; the global registry is untouched.
+    """
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not on PATH: cannot emulate the CUDA kernels on the CPU")
+    backends.load_all()  # the real import outcome is recorded before anything is patched
+    if not hasattr(_EmuModule, "build_dir"):  # compiled libraries are reused across tests
+        _EmuModule.build_dir = tmp_path_factory.mktemp("cuda_emulation")
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(is_available=lambda: True, Device=lambda *a: _EmuDevice())
+    fake.RawModule = _EmuModule
+    found = {}
+
+    def collect(op, backend, stage, summary, *, device="cpu", dtypes=(), max_flops=None):
+        def decorate(fn):
+            assert backend == "cupy" and device == "gpu" and (op, stage) not in found
+            found[(op, stage)] = types.SimpleNamespace(kernel=fn, dtypes=dtypes, order=len(found))
+            return fn
+        return decorate
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setitem(sys.modules, "cupy", fake)
+        for name in KERNEL_MODULES:
+            mp.delitem(sys.modules, name, raising=False)
+        mp.setattr(registry, "register", collect)
+        mp.setattr(_loader, "_modules", {})
+        mp.setattr(_loader, "_functions", {})
+        for name in KERNEL_MODULES:
+            importlib.import_module(name)
+        yield found
+    finally:
+        mp.undo()
+
+
+def test_emulated_ladders_register_in_order(emulated):
+    order = sorted(emulated, key=lambda key: emulated[key].order)
+    assert [s for op, s in order if op == "matmul"] == MATMUL_LADDER
+    assert [s for op, s in order if op == "conv2d"] == CONV_LADDER
+    assert [s for op, s in order if op == "conv2d_bias_relu"] == ["fused"]
+    assert emulated[("matmul", "naive")].dtypes == ("float32",)
+    assert emulated[("conv2d", "naive")].dtypes == ("float32", "float64")
+
+
+def _emulated_matmul(kernel):
+    def run(a, b):
+        out = emu(np.full((a.shape[0], b.shape[1]), np.nan, np.float32))  # kernels must overwrite
+        kernel(emu(a), emu(b), out)
+        return np.asarray(out)
+    return run
+
+
+@pytest.mark.parametrize("stage", MATMUL_LADDER)
+def test_emulated_matmul(emulated, stage, rng):
+    run = _emulated_matmul(emulated[("matmul", stage)].kernel)
+    for shape in EMULATED_MATMUL_SHAPES:
+        check_matmul(run, shape, rng, f"emulated matmul/cupy/{stage} {shape}")
+    check_matmul(run, (9, 12, 8), rng, f"emulated matmul/cupy/{stage} NaN", nan=True)
+
+
+@pytest.mark.parametrize("stage", ["vectorized", "warptiled"])
+def test_emulated_matmul_misaligned_views(emulated, stage, rng):
+    """Row lengths that are multiples of 4 but base pointers off by 1 float: scalar path."""
+    kernel = emulated[("matmul", stage)].kernel
+
+    def run(a, b):
+        def offset(x, by):
+            base = emu(np.empty(x.size + by, x.dtype))
+            view = base[by:].reshape(x.shape)
+            view[...] = x
+            return view
+        out = offset(np.zeros((a.shape[0], b.shape[1]), np.float32), 1)
+        a_v, b_v = offset(a, 1), offset(b, 3)
+        assert a_v.data.ptr % 16 and b_v.data.ptr % 16 and out.data.ptr % 16
+        kernel(a_v, b_v, out)
+        return np.asarray(out)
+
+    check_matmul(run, (20, 36, 132), rng, f"emulated matmul/cupy/{stage} misaligned")
+
+
+def _emulated_conv(kernel, fused):
+    def run(x, w, bias, kw):
+        plan = check_conv2d(x, w, bias, kw["stride"], kw["padding"], kw["dilation"],
+                            kw["groups"])
+        out = emu(np.full(plan.out_shape, np.nan, x.dtype))
+        if fused:
+            kernel(emu(x), emu(w), emu(bias), out, plan.params)
+        else:
+            kernel(emu(x), emu(w), out, plan.params)
+        return np.asarray(out)
+    return run
+
+
+@pytest.mark.parametrize("stage", CONV_LADDER + ["fused"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_conv(emulated, stage, dtype, rng):
+    fused = stage == "fused"
+    op = "conv2d_bias_relu" if fused else "conv2d"
+    run = _emulated_conv(emulated[(op, stage)].kernel, fused)
+    for case in CONV_CASES:
+        check_conv(run, case, dtype, rng, f"emulated {op}/cupy/{stage} {_case_id(case)}",
+                   fused=fused)
+    check_conv(run, CONV_CASES[1], dtype, rng, f"emulated {op}/cupy/{stage} NaN", fused=fused,
+               nan=True)
+
+
+# ------------------------------------------------------------------------------ 4. on a GPU
+@pytest.fixture(scope="module")
+def cp():
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no CUDA GPU: CuPy not installed ({type(exc).__name__})")
+    try:
+        ok = cupy.cuda.is_available()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no CUDA GPU: {type(exc).__name__}: {exc}")
+    if not ok:
+        pytest.skip("no CUDA GPU: cupy.cuda.is_available() is False")
+    missing = backends.unavailable()
+    if "cupy" in missing:
+        pytest.fail(f"a GPU is present but the cupy backend failed to load: {missing['cupy']}")
+    return cupy
+
+
+def test_gpu_ladders_registered(cp):
+    assert [i.stage for i in registry.ladder("matmul", "cupy")] == MATMUL_LADDER
+    assert [i.stage for i in registry.ladder("conv2d", "cupy")] == CONV_LADDER
+    assert [i.stage for i in registry.ladder("conv2d_bias_relu", "cupy")] == FUSED_LADDER
+
+
+@pytest.mark.parametrize("stage", MATMUL_LADDER)
+def test_gpu_matmul(cp, stage, rng):
+    def on_gpu(a, b):
+        da, db = cp.asarray(a), cp.asarray(b)
+        got = fastops.matmul(da, db, backend="cupy", stage=stage)
+        assert isinstance(got, cp.ndarray) and got.device == da.device
+        return cp.asnumpy(got)
+
+    def from_numpy(a, b):
+        got = fastops.matmul(a, b, backend="cupy", stage=stage)
+        assert isinstance(got, np.ndarray)
+        return got
+
+    for shape in MATMUL_SHAPES:
+        check_matmul(on_gpu, shape, rng, f"matmul/cupy/{stage} {shape}")
+    check_matmul(from_numpy, (45, 67, 89), rng, f"matmul/cupy/{stage} NumPy in")
+    check_matmul(on_gpu, (40, 36, 52), rng, f"matmul/cupy/{stage} NaN", nan=True)
+    # Batched: per-batch views whose base pointers are not 16-byte aligned (M*K = 3*5).
+    a = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    b = rng.standard_normal((4, 5, 8)).astype(np.float32)
+    got = cp.asnumpy(fastops.matmul(cp.asarray(a), cp.asarray(b), backend="cupy", stage=stage))
+    assert_close(got, oracle.matmul(a, b), oracle.matmul(np.abs(a), np.abs(b)), 5, np.float32,
+                 f"matmul/cupy/{stage} batched")
+
+
+def test_gpu_matmul_rejects_float64(cp):
+    a = cp.ones((4, 4), cp.float64)
+    with pytest.raises(TypeError, match="float32"):
+        fastops.matmul(a, a, backend="cupy", stage="warptiled")
+
+
+@pytest.mark.parametrize("stage", FUSED_LADDER)
+@pytest.mark.parametrize("op", ["conv2d", "conv2d_bias_relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_conv(cp, op, stage, dtype, rng):
+    if op == "conv2d" and stage == "fused":
+        pytest.skip("fused is a conv2d_bias_relu stage only")
+    fused = op == "conv2d_bias_relu"
+    api = getattr(fastops, op)
+
+    def on_gpu(x, w, bias, kw):
+        args = [cp.asarray(x), cp.asarray(w)] + ([cp.asarray(bias)] if fused else [])
+        got = api(*args, **kw, backend="cupy", stage=stage)
+        assert isinstance(got, cp.ndarray) and got.device == args[0].device
+        return cp.asnumpy(got)
+
+    def from_numpy(x, w, bias, kw):
+        got = api(x, w, *([bias] if fused else []), **kw, backend="cupy", stage=stage)
+        assert isinstance(got, np.ndarray)
+        return got
+
+    for case in CONV_CASES:
+        check_conv(on_gpu, case, dtype, rng, f"{op}/cupy/{stage} {_case_id(case)}", fused=fused)
+    check_conv(from_numpy, CONV_CASES[2], dtype, rng, f"{op}/cupy/{stage} NumPy in", fused=fused)
+    check_conv(on_gpu, CONV_CASES[1], dtype, rng, f"{op}/cupy/{stage} NaN", fused=fused,
+               nan=True)
+
+
+def test_gpu_conv_resnet_layer(cp, rng):
+    """One realistic layer (C64 56x56 K64 3x3, batch 2) through the fused and un-fused stages."""
+    case = (2, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1)
+    for stage in FUSED_LADDER:
+        def on_gpu(x, w, bias, kw):
+            got = fastops.conv2d_bias_relu(cp.asarray(x), cp.asarray(w), cp.asarray(bias), **kw,
+                                           backend="cupy", stage=stage)
+            return cp.asnumpy(got)
+        check_conv(on_gpu, case, np.float32, rng, f"conv2d_bias_relu/cupy/{stage} resnet",
+                   fused=True)
