@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -122,12 +123,11 @@ def cmd_bench(parser, args) -> int:
     err = Console(stderr=True)
     out = _wide_console()
     started = time.perf_counter()
+    load_start = _loadavg()
     with_torch = not args.no_torch and runner.torch_available()
     if not args.no_torch and not with_torch:
         err.print("[yellow]PyTorch is not importable: no PyTorch baseline[/]")
     fastops_backends = [b for b in (args.backend or []) if b != "torch"]
-    if args.backend and "torch" not in args.backend and not args.no_torch:
-        pass  # baselines are always run (see --no-torch)
     ops = args.op or list(registry.OPS)
     settings = runner.Settings.for_mode(args.mode, args.dtype, check=not args.no_check)
     if args.budget:
@@ -149,6 +149,7 @@ def cmd_bench(parser, args) -> int:
     data = report.build(entries, settings, info, runner.skipped_notes(entries),
                         backends.unavailable(), argv=["fastops"] + sys.argv[1:])
     data["wall_s"] = round(time.perf_counter() - started, 1)
+    data["load_avg"] = {"start": load_start, "end": _loadavg()}
     if args.compare:
         data["compare"] = compare.compare_files(data, args.compare)
     paths = report.write_all(data, args.out)
@@ -157,6 +158,14 @@ def cmd_bench(parser, args) -> int:
         _print_compare(out, data["compare"])
     out.print(f"wrote {', '.join(str(p) for p in paths.values())} in {data['wall_s']} s")
     return 0
+
+
+def _loadavg():
+    """1-minute load average (other processes share the cores: context for noisy numbers)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _wide_console():
@@ -210,7 +219,7 @@ def _print_compare(console, cmp) -> None:
             continue
         color = "red" if r["verdict"] == "regression" else "green"
         table.add_row(r["op"], r["shape"], f"{r['backend']} · {r['stage']}",
-                      f"{r['old_ms']:.3g}", f"{r['new_ms']:.3g}", f"{r['ratio']:.2f}",
+                      f"{r['old_ms']:.3g}", f"{r['new_ms']:.3g}", f"{r['ratio']:.3g}",
                       f"[{color}]{r['verdict']}[/]")
     console.print(table)
 

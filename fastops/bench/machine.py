@@ -73,7 +73,10 @@ def threads() -> dict:
         import numba
 
         info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
-        info["numba_threading_layer"] = numba.config.THREADING_LAYER
+        try:
+            info["numba_threading_layer"] = numba.threading_layer()  # the one actually in use
+        except ValueError:  # no parallel kernel has run yet: the configured preference
+            info["numba_threading_layer"] = f"{numba.config.THREADING_LAYER} (not started)"
     except ImportError:
         pass
     return info

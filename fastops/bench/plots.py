@@ -99,7 +99,7 @@ def ladder(report: dict, path) -> None:
             ax.grid(axis="x", which="major", alpha=0.3)
     fig.suptitle(f"fastops ladder, {report['dtype']} — {report['machine']['cpu']['model']}",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -111,7 +111,7 @@ def roofline(report: dict, path) -> None:
     bw = peaks.get("dram_gbs")
     fig, ax = plt.subplots(figsize=(9, 6))
     xs = [r["intensity"] for r in rows] or [1.0]
-    lo, hi = min(xs + [0.1]) / 2, max(xs + [(peak or 1) / (bw or 1)]) * 3
+    lo, hi = min(xs) / 3, max(xs + [(peak or 1) / (bw or 1)]) * 3
     if peak and bw:
         ridge = peak / bw
         ax.plot([lo, ridge, hi], [bw * lo, peak, peak], color="black", lw=1.5)

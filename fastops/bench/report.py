@@ -18,6 +18,8 @@
   vs_numpy, vs_torch (baseline median / this median: > 1 means faster than the baseline)
 * ``skipped``: human-readable notes (one per stage with skipped shapes)
 * ``unavailable_backends``: backend -> reason
+* ``wall_s`` (seconds the whole command took), ``load_avg`` ({start, end}: 1-minute load
+  average, context for noise; written by the CLI)
 * ``compare`` (only with ``--compare``): see :mod:`fastops.bench.compare`
 """
 from __future__ import annotations
@@ -143,7 +145,8 @@ def markdown(report: dict) -> str:
         f"{report['fastops_version']}; command `{report['command']}`",
         f"- CPU: {cpu['model']} ({cpu.get('llvm_cpu', '?')}), {cpu['logical_cpus']} logical "
         f"CPUs, SIMD {' '.join(cpu['simd'])}; threads: numba "
-        f"{m['threads'].get('numba_threads')}, OMP_NUM_THREADS="
+        f"{m['threads'].get('numba_threads')} ({m['threads'].get('numba_threading_layer')} "
+        f"layer), OMP_NUM_THREADS="
         f"{m['threads'].get('OMP_NUM_THREADS')}; BLAS: {blas}",
         f"- GPU: {m['gpu']['name'] if m.get('gpu') else 'none'}",
         f"- {_peaks_line(report)}",
@@ -153,6 +156,11 @@ def markdown(report: dict) -> str:
         "so > 1 means faster. 'naive' = the backend's first stage; FLOPs count 2 × "
         "multiply-adds only (bias and ReLU not counted).",
     ]
+    if report.get("load_avg"):
+        lines.append(f"- Wall time {report.get('wall_s')} s; 1-minute load average "
+                     f"{report['load_avg']['start']} at the start, {report['load_avg']['end']} "
+                     f"at the end (on {cpu['logical_cpus']} CPUs: above ~0.5 other processes "
+                     "were competing for the cores and parallel stages suffer most)")
     if report.get("unavailable_backends"):
         lines.append("- Backends not available here: " + "; ".join(
             f"{b} ({why})" for b, why in report["unavailable_backends"].items()))
@@ -193,7 +201,7 @@ def compare_markdown(cmp: dict) -> list[str]:
     for r in cmp["rows"]:
         verdict = f"**{r['verdict']}**" if r["verdict"] != "same" else "same"
         lines.append(f"| {r['op']} | {r['shape']} | {r['backend']} | {r['stage']} | "
-                     f"{_ms(r['old_ms'])} | {_ms(r['new_ms'])} | {r['ratio']:.2f} | "
+                     f"{_ms(r['old_ms'])} | {_ms(r['new_ms'])} | {r['ratio']:.3g} | "
                      f"±{100 * r['threshold']:.0f} % | {verdict} |")
     return lines + [""]
 
@@ -263,7 +271,7 @@ def html_report(report: dict, out_dir: Path) -> str:
                      "<th>verdict</th></tr>" + "".join(
                          f"<tr><td>{r['op']}</td><td>{html.escape(r['shape'])}</td>"
                          f"<td>{r['backend']}</td><td>{r['stage']}</td>"
-                         f"<td>{r['ratio']:.2f}</td><td>{r['verdict']}</td></tr>"
+                         f"<td>{r['ratio']:.3g}</td><td>{r['verdict']}</td></tr>"
                          for r in cmp["rows"]) + "</table>")
     parts += [img("ladder.png"), img("roofline.png")]
     style = ("body{font-family:sans-serif;max-width:1400px;margin:auto}"

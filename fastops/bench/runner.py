@@ -212,6 +212,9 @@ def run_entries(entries: list[Entry], settings: Settings, progress=None) -> None
                 call, result = make_call(e, arrays, settings.dtype)
             except Exception as exc:  # noqa: BLE001 - reported as an error row
                 e.status, e.reason = "error", f"{type(exc).__name__}: {exc}"
+                if progress:
+                    progress.advance()
+                    progress.advance()
                 continue
             t = Timed(e, _guarded(call, e), pool=e.pool, gpu=e.device == "gpu",
                       budget_s=settings.budget_s)
@@ -225,6 +228,8 @@ def run_entries(entries: list[Entry], settings: Settings, progress=None) -> None
             e = t.key
             if e.status == "error" or not t.samples_ms:
                 e.status, e.reason = "error", e.reason or "no timing samples"
+                if progress:
+                    progress.advance()
                 continue
             e.stats = stats_of(t).as_dict()
             e.status = "ok"
