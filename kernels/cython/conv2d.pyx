@@ -196,15 +196,49 @@ def conv2d_parallel(x, w, out, p):
 
 
 # ---------------------------------------------------------------------------- 4 tiled
+cdef extern from "depthwise.h" nogil:
+    enum:
+        FO_DW_MAX_KH
+    void fo_depthwise_f(const float *x, const float *w, float *out, long H, long W, int kh,
+                        int kw, int sh, int sw, int pt, int pl, int dh, int dw, long Ho, long Wo,
+                        const float *bias, int relu)
+    void fo_depthwise_d(const double *x, const double *w, double *out, long H, long W, int kh,
+                        int kw, int sh, int sw, int pt, int pl, int dh, int dw, long Ho, long Wo,
+                        const double *bias, int relu)
+
+
+cdef depthwise_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out, Geom g,
+                   real[::1] bias, bint relu):
+    """One channel per group: each output plane (n, k) in one pass (depthwise.h), planes
+    spread over the threads."""
+    cdef Py_ssize_t t, n, k
+    cdef const real *px = &x[0, 0, 0, 0]
+    cdef const real *pw = &w[0, 0, 0, 0]
+    cdef real *po = &out[0, 0, 0, 0]
+    cdef const real *pb = &bias[0] if bias is not None else NULL
+    with nogil:
+        for t in prange(g.N * g.K, schedule="static"):
+            n = t // g.K
+            k = t % g.K
+            if real is float:
+                fo_depthwise_f(px + (n * g.C + k // g.Kg) * g.H * g.W, pw + k * g.kh * g.kw,
+                               po + t * g.Ho * g.Wo, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.pt,
+                               g.pl, g.dh, g.dw, g.Ho, g.Wo, pb + k if pb != NULL else NULL,
+                               relu)
+            else:
+                fo_depthwise_d(px + (n * g.C + k // g.Kg) * g.H * g.W, pw + k * g.kh * g.kw,
+                               po + t * g.Ho * g.Wo, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.pt,
+                               g.pl, g.dh, g.dw, g.Ho, g.Wo, pb + k if pb != NULL else NULL,
+                               relu)
+
+
 cdef implicit_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
                        Geom g, real[::1] bias, bint relu, Py_ssize_t m_block,
                        Py_ssize_t n_block):
     cdef Py_ssize_t red = g.Cg * g.kh * g.kw  # GEMM K: one row of B per (channel, tap)
     cdef Py_ssize_t P = g.Ho * g.Wo  # GEMM N: output pixels of one image
-    cdef Py_ssize_t Mpad = round_up(g.Kg, mr_of(&out[0, 0, 0, 0])), grp
     cdef const real *pb = &bias[0] if bias is not None else NULL
     cdef BSource src
-    cdef real *apack
     cdef int status = 0
     # A 1x1, stride-1, unpadded conv reads x[g] as a plain (C/g, H*W) matrix: cheaper packing.
     src.kind = 0 if (g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.pt == 0
@@ -213,18 +247,11 @@ cdef implicit_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :,
     src.H, src.W, src.kh, src.kw = g.H, g.W, g.kh, g.kw
     src.sh, src.sw, src.pt, src.pl, src.dh, src.dw, src.Wo = g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, g.Wo
     with nogil:
-        apack = alloc_aligned(g.groups * Mpad * red, &out[0, 0, 0, 0])
-        if apack == NULL:
-            status = -1
-        else:
-            # The weights of group grp are rows grp*Kg ... of the (K, red) matrix w.
-            for grp in range(g.groups):
-                pack_a(&w[0, 0, 0, 0] + grp * g.Kg * red, red, g.Kg, red,
-                       apack + grp * Mpad * red)
-            status = gemm_run(apack, g.Kg, red, P, &x[0, 0, 0, 0], g.C * g.H * g.W,
-                              g.Cg * g.H * g.W, &src, &out[0, 0, 0, 0], P, g.K * P, g.Kg * P,
-                              Mpad * red, pb, relu, g.N, g.groups, m_block, n_block)
-            free(apack)
+        # A = the weights, read in place (lda = red): w is already row-major (K, C/g*kH*kW),
+        # each row contiguous along the reduction, and rows of group grp start at grp*Kg*red.
+        status = gemm_run(&w[0, 0, 0, 0], red, g.Kg, red, P, &x[0, 0, 0, 0], g.C * g.H * g.W,
+                          g.Cg * g.H * g.W, &src, &out[0, 0, 0, 0], P, g.K * P, g.Kg * P,
+                          g.Kg * red, pb, relu, g.N, g.groups, m_block, n_block)
     if status:
         raise MemoryError("conv2d/cython/tiled: could not allocate packing buffers")
 
@@ -240,11 +267,12 @@ def conv2d_tiled_epilogue(x, w, out, p, bias=None, relu=False):
     (micro-kernel registers, or the finished row for depthwise). Used by conv2d/tiled
     (no epilogue) and conv2d_bias_relu/fused."""
     g = geometry(x, w, out, p)
-    if g.Cg == 1:  # depthwise (and any one-channel-per-group conv): direct, memory bound
+    if g.Cg == 1 and g.kh <= FO_DW_MAX_KH:
+        # Depthwise (one input channel per group): direct one-pass planes, memory bound.
         if x.dtype.char == "f":
-            planes_run[float](x, w, out, g, True, bias, relu)
+            depthwise_run[float](x, w, out, g, bias, relu)
         else:
-            planes_run[double](x, w, out, g, True, bias, relu)
+            depthwise_run[double](x, w, out, g, bias, relu)
         return
     m_block, n_block = _grid(g.Kg, g.Ho * g.Wo, g.N * g.groups, x.dtype.char)
     if x.dtype.char == "f":
@@ -271,7 +299,8 @@ def conv2d_tiled(x, w, out, p):
     matmul micro-kernel unchanged, needs no re-layout of x or out (NCHW in and out), and
     packing B costs O(C*kH*kW*Ho*Wo) copies against 2*K times as many FLOPs.
     Depthwise (one input channel per group) has no reduction to block (C/g * kH * kW = 9
-    for 3x3) and is memory bound, so it keeps the `parallel` stage's direct row-axpy path.
+    for 3x3) and is memory bound: it takes a direct path (depthwise.h) that computes each
+    output row in one vectorised pass summing all taps in registers, planes over threads.
     Bottleneck removed: arithmetic intensity: each packed element of B feeds MR FMAs from a
     register, each weight NR FMAs; out is written once per KC block.
     Still missing: B packing is redone for every channel block of a task grid that splits

@@ -51,10 +51,12 @@ cdef extern from "microkernel.h" nogil:
     int fo_simd_enabled
     int fo_compiled_isa()
     int fo_runtime_isa()
-    void fo_ukernel_f(long kc, const float *Ap, const float *Bp, float *C, long ldc, int mr,
-                      int nr, int first, const float *bias, int relu)
-    void fo_ukernel_d(long kc, const double *Ap, const double *Bp, double *C, long ldc, int mr,
-                      int nr, int first, const double *bias, int relu)
+    void fo_ukernel_f(long kc, const float *Ap, long a_rs, long a_ks, const float *Bp,
+                      float *C, long ldc, int mr, int nr, int first, const float *bias,
+                      int relu)
+    void fo_ukernel_d(long kc, const double *Ap, long a_rs, long a_ks, const double *Bp,
+                      double *C, long ldc, int mr, int nr, int first, const double *bias,
+                      int relu)
 
 ctypedef fused real:
     float
@@ -250,23 +252,28 @@ cdef void pack_b(const real *b, const BSource *src, Py_ssize_t pc, Py_ssize_t kc
 
 
 # ---------------------------------------------------------------------------- driver
-cdef inline void ukernel(Py_ssize_t kc, const real *ap, const real *bp, real *c, Py_ssize_t ldc,
-                         int mr, int nr, int first, const real *bias, int relu) noexcept nogil:
+cdef inline void ukernel(Py_ssize_t kc, const real *ap, Py_ssize_t a_rs, Py_ssize_t a_ks,
+                         const real *bp, real *c, Py_ssize_t ldc, int mr, int nr, int first,
+                         const real *bias, int relu) noexcept nogil:
     if real is float:
-        fo_ukernel_f(kc, ap, bp, c, ldc, mr, nr, first, bias, relu)
+        fo_ukernel_f(kc, ap, a_rs, a_ks, bp, c, ldc, mr, nr, first, bias, relu)
     else:
-        fo_ukernel_d(kc, ap, bp, c, ldc, mr, nr, first, bias, relu)
+        fo_ukernel_d(kc, ap, a_rs, a_ks, bp, c, ldc, mr, nr, first, bias, relu)
 
 
-cdef void gemm_task(const real *apack, Py_ssize_t M, Py_ssize_t K, const real *b,
+cdef void gemm_task(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K, const real *b,
                     const BSource *src, real *c, Py_ssize_t ldc, Py_ssize_t m0, Py_ssize_t m1,
                     Py_ssize_t n0, Py_ssize_t n1, const real *bias, int relu,
                     real *bpack) noexcept nogil:
-    """C[m0:m1, n0:n1] = A[m0:m1] @ B[:, n0:n1] (+ bias, ReLU): one task, one thread."""
+    """C[m0:m1, n0:n1] = A[m0:m1] @ B[:, n0:n1] (+ bias, ReLU): one task, one thread.
+
+    lda == 0: `apack` is packed (pack_a). lda > 0: `apack` is A itself, row-major with row
+    stride lda, read in place by the micro-kernel (8 unit-stride row streams)."""
     cdef int MR = mr_of(bpack), NR = nr_of(bpack)
     cdef Py_ssize_t Mpad = round_up(M, MR)
     cdef Py_ssize_t pb, pc, kc, ib, ic, iend, jr, ir, nsl = (n1 - n0 + NR - 1) // NR
     cdef int first, last
+    cdef const real *ap
     for pb in range((K + KC - 1) // KC):
         pc = pb * KC
         kc = min(KC, K - pc)
@@ -279,14 +286,19 @@ cdef void gemm_task(const real *apack, Py_ssize_t M, Py_ssize_t K, const real *b
             for jr in range(nsl):
                 ir = ic
                 while ir < iend:
-                    ukernel(kc, apack + pc * Mpad + ir * kc, bpack + jr * kc * NR,
+                    if lda == 0:
+                        ap = apack + pc * Mpad + ir * kc
+                    else:
+                        ap = apack + ir * lda + pc
+                    ukernel(kc, ap, 1 if lda == 0 else lda, MR if lda == 0 else 1,
+                            bpack + jr * kc * NR,
                             c + ir * ldc + n0 + jr * NR, ldc, <int> min(MR, M - ir),
                             <int> min(NR, n1 - n0 - jr * NR), first,
                             bias + ir if (last and bias != NULL) else NULL, relu and last)
                     ir += MR
 
 
-cdef int gemm_run(const real *apack, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
+cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
                   const real *b, Py_ssize_t b_image_stride, Py_ssize_t b_group_stride,
                   const BSource *src, real *c, Py_ssize_t ldc, Py_ssize_t c_image_stride,
                   Py_ssize_t c_group_stride, Py_ssize_t a_group_stride, const real *bias,
@@ -318,7 +330,7 @@ cdef int gemm_run(const real *apack, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
         rest = rest % (m_tasks * n_tasks)
         m0 = (rest // n_tasks) * m_block
         n0 = (rest % n_tasks) * n_block
-        gemm_task(apack + g * a_group_stride, M, K,
+        gemm_task(apack + g * a_group_stride, lda, M, K,
                   b + img * b_image_stride + g * b_group_stride, src,
                   c + img * c_image_stride + g * c_group_stride, ldc,
                   m0, min(m0 + m_block, M), n0, min(n0 + n_block, N),

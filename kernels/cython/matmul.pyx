@@ -175,7 +175,7 @@ cdef tiled_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out, Py_ssize_t m_bl
             status = -1
         else:
             pack_a(&a[0, 0], K, M, K, apack)
-            status = gemm_run(apack, M, K, N, &b[0, 0], 0, 0, &src, &out[0, 0], N, 0, 0, 0,
+            status = gemm_run(apack, 0, M, K, N, &b[0, 0], 0, 0, &src, &out[0, 0], N, 0, 0, 0,
                               NULL, 0, 1, 1, m_block, n_block)
             free(apack)
     if status:

@@ -105,14 +105,15 @@ static int fo_simd_enabled = 1;
 #endif
 
 #define FO_DEFINE_PORTABLE(NAME, T, MR, NR)                                                    \
-    FO_BASELINE static void NAME(long kc, const T *Ap, const T *Bp, T *C, long ldc, int mr,    \
-                                 int nr, int first, const T *bias, int relu) {                 \
+    FO_BASELINE static void NAME(long kc, const T *Ap, long a_rs, long a_ks, const T *Bp, T *C, \
+                                 long ldc, int mr, int nr, int first, const T *bias,           \
+                                 int relu) {                                                   \
         T acc[MR][NR];                                                                         \
         for (int i = 0; i < MR; i++)                                                           \
             for (int j = 0; j < NR; j++) acc[i][j] = 0;                                        \
         for (long p = 0; p < kc; p++)                                                          \
-            for (int i = 0; i < MR; i++) {                                                     \
-                T a = Ap[p * MR + i];                                                          \
+            for (int i = 0; i < mr; i++) {                                                     \
+                T a = Ap[i * a_rs + p * a_ks];                                                 \
                 for (int j = 0; j < NR; j++) acc[i][j] += a * Bp[p * NR + j];                  \
             }                                                                                  \
         for (int i = 0; i < mr; i++) {                                                         \
@@ -133,18 +134,22 @@ FO_DEFINE_PORTABLE(fo_ukernel_d_portable, double, FO_MR_D, FO_NR_D)
 #if FO_X86 && defined(__AVX512F__)
 
 /* float32: 8 rows x 32 columns = 16 zmm accumulators; A broadcast from the packed sliver. */
-static inline void fo_ukernel_f_simd(long kc, const float *restrict Ap, const float *restrict Bp,
-                                     float *C, long ldc, int mr, int nr, int first,
-                                     const float *bias, int relu) {
+static inline void fo_ukernel_f_simd(long kc, const float *restrict Ap, long a_rs, long a_ks,
+                                     const float *restrict Bp, float *C, long ldc, int mr,
+                                     int nr, int first, const float *bias, int relu) {
     __m512 c0[FO_MR_F], c1[FO_MR_F];
+    const float *ar[FO_MR_F]; /* row i of the A sliver; rows past mr repeat row mr-1 */
 #pragma GCC unroll 8
-    for (int i = 0; i < FO_MR_F; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int i = 0; i < FO_MR_F; i++) {
+        c0[i] = c1[i] = _mm512_setzero_ps();
+        ar[i] = Ap + (long)(i < mr ? i : mr - 1) * a_rs;
+    }
     for (long p = 0; p < kc; p++) {
         __m512 b0 = _mm512_load_ps(Bp + p * FO_NR_F);
         __m512 b1 = _mm512_load_ps(Bp + p * FO_NR_F + 16);
 #pragma GCC unroll 8
         for (int i = 0; i < FO_MR_F; i++) {
-            __m512 a = _mm512_set1_ps(Ap[p * FO_MR_F + i]);
+            __m512 a = _mm512_set1_ps(ar[i][p * a_ks]);
             c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
             c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
         }
@@ -177,18 +182,22 @@ static inline void fo_ukernel_f_simd(long kc, const float *restrict Ap, const fl
 }
 
 /* float64: 8 rows x 16 columns (2 zmm of 8 doubles per row) = 16 accumulators. */
-static inline void fo_ukernel_d_simd(long kc, const double *restrict Ap,
+static inline void fo_ukernel_d_simd(long kc, const double *restrict Ap, long a_rs, long a_ks,
                                      const double *restrict Bp, double *C, long ldc, int mr,
                                      int nr, int first, const double *bias, int relu) {
     __m512d c0[FO_MR_D], c1[FO_MR_D];
+    const double *ar[FO_MR_D];
 #pragma GCC unroll 8
-    for (int i = 0; i < FO_MR_D; i++) c0[i] = c1[i] = _mm512_setzero_pd();
+    for (int i = 0; i < FO_MR_D; i++) {
+        c0[i] = c1[i] = _mm512_setzero_pd();
+        ar[i] = Ap + (long)(i < mr ? i : mr - 1) * a_rs;
+    }
     for (long p = 0; p < kc; p++) {
         __m512d b0 = _mm512_load_pd(Bp + p * FO_NR_D);
         __m512d b1 = _mm512_load_pd(Bp + p * FO_NR_D + 8);
 #pragma GCC unroll 8
         for (int i = 0; i < FO_MR_D; i++) {
-            __m512d a = _mm512_set1_pd(Ap[p * FO_MR_D + i]);
+            __m512d a = _mm512_set1_pd(ar[i][p * a_ks]);
             c0[i] = _mm512_fmadd_pd(a, b0, c0[i]);
             c1[i] = _mm512_fmadd_pd(a, b1, c1[i]);
         }
@@ -224,14 +233,19 @@ static inline void fo_ukernel_d_simd(long kc, const double *restrict Ap,
 
 /* Write one row of an AVX2 block: full rows with vector stores, partial rows via a buffer. */
 #define FO_DEFINE_AVX2(NAME, T, VT, W, MR, NR, LOAD, LOADU, STOREU, SET1, FMA, ADD, MAX, ZERO)  \
-    static inline void NAME(long kc, const T *restrict Ap, const T *restrict Bp, T *C,         \
-                            long ldc, int mr, int nr, int first, const T *bias, int relu) {    \
+    static inline void NAME(long kc, const T *restrict Ap, long a_rs, long a_ks,                \
+                            const T *restrict Bp, T *C, long ldc, int mr, int nr, int first,   \
+                            const T *bias, int relu) {                                         \
         VT c0[MR], c1[MR];                                                                     \
-        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) c0[i] = c1[i] = ZERO();            \
+        const T *ar[MR];                                                                       \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                                 \
+            c0[i] = c1[i] = ZERO();                                                            \
+            ar[i] = Ap + (long)(i < mr ? i : mr - 1) * a_rs;                                   \
+        }                                                                                      \
         for (long p = 0; p < kc; p++) {                                                        \
             VT b0 = LOAD(Bp + p * NR), b1 = LOAD(Bp + p * NR + W);                             \
             _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                             \
-                VT a = SET1(Ap[p * MR + i]);                                                   \
+                VT a = SET1(ar[i][p * a_ks]);                                                  \
                 c0[i] = FMA(a, b0, c0[i]);                                                     \
                 c1[i] = FMA(a, b1, c1[i]);                                                     \
             }                                                                                  \
@@ -264,21 +278,24 @@ FO_DEFINE_AVX2(fo_ukernel_d_simd, double, __m256d, 4, FO_MR_D, FO_NR_D, _mm256_l
 #endif
 
 /* ------------------------------------------------------------------ dispatch */
-static inline void fo_ukernel_f(long kc, const float *Ap, const float *Bp, float *C, long ldc,
-                                int mr, int nr, int first, const float *bias, int relu) {
+/* A is read as Ap[i * a_rs + p * a_ks]: a packed sliver (a_rs = 1, a_ks = MR) or rows of a
+ * row-major matrix read in place (a_rs = lda, a_ks = 1; conv weights, see gemm.pxi). */
+static inline void fo_ukernel_f(long kc, const float *Ap, long a_rs, long a_ks, const float *Bp,
+                                float *C, long ldc, int mr, int nr, int first,
+                                const float *bias, int relu) {
     if (fo_simd_enabled)
-        fo_ukernel_f_simd(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+        fo_ukernel_f_simd(kc, Ap, a_rs, a_ks, Bp, C, ldc, mr, nr, first, bias, relu);
     else
-        fo_ukernel_f_portable(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+        fo_ukernel_f_portable(kc, Ap, a_rs, a_ks, Bp, C, ldc, mr, nr, first, bias, relu);
 }
 
-static inline void fo_ukernel_d(long kc, const double *Ap, const double *Bp, double *C,
-                                long ldc, int mr, int nr, int first, const double *bias,
-                                int relu) {
+static inline void fo_ukernel_d(long kc, const double *Ap, long a_rs, long a_ks,
+                                const double *Bp, double *C, long ldc, int mr, int nr,
+                                int first, const double *bias, int relu) {
     if (fo_simd_enabled)
-        fo_ukernel_d_simd(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+        fo_ukernel_d_simd(kc, Ap, a_rs, a_ks, Bp, C, ldc, mr, nr, first, bias, relu);
     else
-        fo_ukernel_d_portable(kc, Ap, Bp, C, ldc, mr, nr, first, bias, relu);
+        fo_ukernel_d_portable(kc, Ap, a_rs, a_ks, Bp, C, ldc, mr, nr, first, bias, relu);
 }
 
 #endif /* FASTOPS_MICROKERNEL_H */
