@@ -106,19 +106,26 @@ def _flops(op: str, plan) -> float:
 
 def _runner(op: str, plan):
     """fn(kernel) that calls ``kernel`` once on the plan's arrays into a scratch output."""
+    from .validation import contiguous, is_cupy_array
+
+    first = plan.a if op == "matmul" else plan.x
+    if is_cupy_array(first):
+        import cupy as xp
+    else:
+        xp = np
     if op == "matmul":
         a, b = plan.a, plan.b
         if b.ndim == 2:  # the linear-layer case the API folds into one (B*M, K) @ (K, N) call
-            a = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+            a = contiguous(a).reshape(-1, a.shape[-1])
         else:  # batched: time the first matrix pair, every pair has the same shape
-            a = np.ascontiguousarray(a.reshape((-1,) + a.shape[-2:])[0])
-            b = np.ascontiguousarray(b.reshape((-1,) + b.shape[-2:])[0])
-        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+            a = contiguous(a.reshape((-1,) + a.shape[-2:])[0])
+            b = contiguous(b.reshape((-1,) + b.shape[-2:])[0])
+        out = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
         return lambda kernel: kernel(a, b, out)
-    out = np.empty(plan.out_shape, dtype=plan.x.dtype)
+    out = xp.empty(plan.out_shape, dtype=plan.x.dtype)
     if op == "conv2d":
         return lambda kernel: kernel(plan.x, plan.w, out, plan.params)
-    bias = plan.bias if plan.bias is not None else np.zeros(plan.w.shape[0], plan.x.dtype)
+    bias = plan.bias if plan.bias is not None else xp.zeros(plan.w.shape[0], plan.x.dtype)
     return lambda kernel: kernel(plan.x, plan.w, bias, out, plan.params)
 
 
