@@ -76,9 +76,9 @@ def _validate_names(parser, args) -> None:
             if b == "torch":
                 continue  # the baseline, always selectable
             if b not in valid_backends:
-                why = f" ({b} is not available here: {missing[b]})" if b in missing else ""
-                parser.error(f"unknown backend {b!r}; expected one of: "
-                             f"{', '.join(valid_backends + ['torch'])}{why}")
+                what = (f"backend {b!r} is not available here ({missing[b]})" if b in missing
+                        else f"unknown backend {b!r}")
+                parser.error(f"{what}; expected one of: {', '.join(valid_backends + ['torch'])}")
     if args.stage:
         chosen = [i for i in impls if not args.backend or i.backend in args.backend]
         valid_stages = list(dict.fromkeys(i.stage for i in chosen))
@@ -133,6 +133,11 @@ def cmd_bench(parser, args) -> int:
     if args.budget:
         settings.budget_s = args.budget
 
+    cpus = os.cpu_count() or 1
+    if load_start is not None and load_start > 0.5 * cpus:
+        err.print(f"[yellow]warning: the 1-minute load average is {load_start} on {cpus} CPUs: "
+                  "other processes are competing for the cores, so timings (parallel stages "
+                  "most) will be inflated and noisy; the report records the load.[/]")
     err.print("measuring / loading the machine's peaks …")
     peaks = machine.peaks(remeasure=args.remeasure_peaks)
     entries = runner.select(ops, fastops_backends or None, args.stage, args.dtype, args.mode,
