@@ -177,37 +177,84 @@ CONV_NC = 256
 CONV_MC = 512
 
 
+@jit()
+def _zero_padded(x, pt, pb, pl, pr):
+    """x (N, C, H, W) copied into a zero border: (N, C, H + pt + pb, W + pl + pr).
+
+    One pass over the input (a ninth of what an im2col of a 3x3 conv would write) buys a
+    gather with no bounds tests: every window of every tap is inside the padded image.
+    """
+    n_img, c_in, h, wid = x.shape
+    xp = np.zeros((n_img, c_in, h + pt + pb, wid + pl + pr), dtype=x.dtype)
+    for n in range(n_img):
+        for c in range(c_in):
+            for ih in range(h):
+                for iw in range(wid):
+                    xp[n, c, pt + ih, pl + iw] = x[n, c, ih, iw]
+    return xp
+
+
+@jit()
+def _tap_offsets(c0, cg, kh, kw, dh, dw, hp, wp):
+    """(Cg*kH*kW,) flat offset in a padded image (C, Hp, Wp) of each tap of channels c0.. .
+
+    Computed once per group: three integer divisions per tap per panel in the gather loop
+    cost more than the copy itself.
+    """
+    offsets = np.empty(cg * kh * kw, dtype=np.int64)
+    for c in range(cg):
+        for i in range(kh):
+            for j in range(kw):
+                offsets[(c * kh + i) * kw + j] = (c0 + c) * hp * wp + i * dh * wp + j * dw
+    return offsets
+
+
 @jit(fastmath=FASTMATH)
-def _gather_patches(x, n, c0, r0, kc, pix0, cols, wo_n, kh, kw, sh, sw, pt, pl, dh, dw, bpk):
+def _gather_patches(ximg, wp, tap_offset, r0, kc, pix0, cols, wo_n, sh, sw, bpk):
     """Pack patch-matrix rows r0..r0+kc, pixels pix0..pix0+cols into NR-wide panels.
 
-    x: (N, C, H, W); bpk: (>= ceil(cols/NR), >= kc, NR), bpk[panel, p, j] = x at tap r0 + p
-    (channel c0 + r // (kH*kW), kernel row, kernel column) for pixel pix0 + panel*NR + j, or 0
-    outside the image (padding) and beyond the last pixel (edge panel).
+    ximg: one zero-padded image, flattened (C * Hp * Wp,); tap_offset: (Cg*kH*kW,) flat offset
+    of each tap (channel, kernel row, kernel column) of this group, see :func:`_tap_offsets`;
+    bpk: (>= ceil(cols/NR), >= kc, NR), bpk[panel, p, j] = ximg at tap r0 + p of pixel
+    pix0 + panel*NR + j. Columns past the last pixel are left as they are (the caller zeroes
+    them once).
+
+    The NR pixels of a panel are split into runs along output rows; within a run the values
+    of one tap are equally spaced in ximg (contiguous for stride 1), so each (tap, run) is a
+    branch-free copy loop. Measured on res3 (C128 28x28): 1.5 ns per value with a bounds
+    test per value, see the module's report for the run version.
     """
-    h, wid = x.shape[2], x.shape[3]
-    top = np.empty(NR, dtype=np.int64)  # (NR,) input row of each pixel's window, tap (0, 0)
-    left = np.empty(NR, dtype=np.int64)  # (NR,) input column of the same
+    run_j = np.empty(NR, dtype=np.int64)  # (NR,) first panel column of each run
+    run_src = np.empty(NR, dtype=np.int64)  # (NR,) flat offset of its first window, tap (0, 0)
+    run_len = np.empty(NR, dtype=np.int64)  # (NR,) pixels in the run
     for panel in range((cols + NR - 1) // NR):
         first = pix0 + panel * NR
-        for j in range(NR):  # one division per pixel and panel, not per gathered value
-            pix = first + j
-            top[j] = pix // wo_n * sh - pt if pix < pix0 + cols else -h - 1 - (kh - 1) * dh
-            left[j] = pix % wo_n * sw - pl
+        end = min(first + NR, pix0 + cols)
+        runs = 0
+        pix = first
+        while pix < end:  # one run per output row the panel touches
+            ho, wo = pix // wo_n, pix % wo_n
+            length = min(wo_n - wo, end - pix)
+            run_j[runs] = pix - first
+            run_src[runs] = ho * sh * wp + wo * sw
+            run_len[runs] = length
+            runs += 1
+            pix += length
         for p in range(kc):
-            r = r0 + p
-            c = c0 + r // (kh * kw)
-            di = (r // kw) % kh * dh
-            dj = r % kw * dw
-            for j in range(NR):
-                ih = top[j] + di
-                iw = left[j] + dj
-                inside = 0 <= ih < h and 0 <= iw < wid  # padding and edge pixels read as 0
-                bpk[panel, p, j] = x[n, c, ih, iw] if inside else 0.0
+            tap = tap_offset[r0 + p]
+            for q in range(runs):
+                src = run_src[q] + tap
+                j0 = run_j[q]
+                if sw == 1:  # contiguous: a SIMD copy
+                    for t in range(run_len[q]):
+                        bpk[panel, p, j0 + t] = ximg[src + t]
+                else:
+                    for t in range(run_len[q]):
+                        bpk[panel, p, j0 + t] = ximg[src + t * sw]
 
 
 @jit(fastmath=FASTMATH, parallel=True)
-def conv_gemm(x, w, out, sh, sw, pt, pl, dh, dw, groups, bias, relu, threads):
+def conv_gemm(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias, relu, threads):
     """out[n, g*Kg:(g+1)*Kg] = epilogue(W_g @ patches_g(x[n])) for every image n and group g.
 
     x: (N, C, H, W); w: (K, Cg, kH, kW); out: (N, K, Ho, Wo); bias: (K,) or empty (none);
@@ -228,6 +275,8 @@ def conv_gemm(x, w, out, sh, sw, pt, pl, dh, dw, groups, bias, relu, threads):
     tiles_n = (pixels + nc - 1) // nc
     per_image = groups * tiles_m * tiles_n
     kc_max = min(CONV_KC, taps)
+    xp = _zero_padded(x, pt, pb, pl, pr)  # (N, C, Hp, Wp)
+    hp, wp = xp.shape[2], xp.shape[3]
     for tile in prange(n_img * per_image):
         n = tile // per_image
         g = tile % per_image // (tiles_m * tiles_n)
@@ -235,15 +284,16 @@ def conv_gemm(x, w, out, sh, sw, pt, pl, dh, dw, groups, bias, relu, threads):
         rows = min(mc, (g + 1) * kg - row0)
         pix0 = tile % tiles_n * nc
         cols = min(nc, pixels - pix0)
-        bpk = np.empty(((cols + NR - 1) // NR, kc_max, NR), dtype=x.dtype)
+        bpk = np.zeros(((cols + NR - 1) // NR, kc_max, NR), dtype=x.dtype)  # L2: B block
+        ximg = xp[n].reshape(c_in * hp * wp)
+        tap_offset = _tap_offsets(g * cg, cg, kh, kw, dh, dw, hp, wp)
         # the group's last, short block of output channels, zero-padded to MR rows
         edge = row0 + rows - rows % MR
         w_edge = padded_rows(wmat, edge, rows % MR)
         out_n = outmat[n]  # (K, Ho*Wo)
         for k0 in range(0, taps, CONV_KC):
             kc = min(CONV_KC, taps - k0)
-            _gather_patches(x, n, g * cg, k0, kc, pix0, cols, wo_n, kh, kw, sh, sw, pt, pl,
-                            dh, dw, bpk)
+            _gather_patches(ximg, wp, tap_offset, k0, kc, pix0, cols, wo_n, sh, sw, bpk)
             for r in range(row0, row0 + rows, MR):
                 amat, a_row0 = (wmat, r) if r + MR <= row0 + rows else (w_edge, 0)
                 for c in range(0, cols, NR):
@@ -273,8 +323,9 @@ def conv2d_tiled(x, w, out, p):
     small (64 channels: 128 FLOPs per gathered value); depthwise (Kg = 1) wastes 5 of 6 rows.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
-    _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h,
-                    p.dil_w, p.groups, np.empty(0, dtype=out.dtype), False, get_num_threads())
+    _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
+                    p.pad_right, p.dil_h, p.dil_w, p.groups, np.empty(0, dtype=out.dtype), False,
+                    get_num_threads())
 
 
 _conv_gemm_safe = serialised(conv_gemm)

@@ -32,5 +32,5 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     rows for depthwise convolutions.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  bias: (K,)  out: (N, K, Ho, Wo)
-    _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h,
-                    p.dil_w, p.groups, bias, True, get_num_threads())
+    _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
+                    p.pad_right, p.dil_h, p.dil_w, p.groups, bias, True, get_num_threads())

@@ -1,0 +1,177 @@
+"""Numba-specific checks: tile-boundary tails, SIMD in the assembly, thread safety.
+
+The generic, registry-parametrised correctness tests live in test_correctness.py; these cover
+what only the Numba kernels have (tile sizes MR/NR/KC/MC/NC, the threading layer, fast-math).
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from fastops import oracle  # noqa: E402
+from fastops.kernels.numba import _common  # noqa: E402
+from fastops.kernels.numba import conv2d as nconv  # noqa: E402
+from fastops.kernels.numba import conv2d_bias_relu as nfused  # noqa: E402
+from fastops.kernels.numba import matmul as nmm  # noqa: E402
+from fastops.testing import assert_close  # noqa: E402
+from fastops.validation import check_conv2d  # noqa: E402
+
+DTYPES = [np.float32, np.float64]
+MATMUL_STAGES = [nmm.matmul_naive, nmm.matmul_vectorized, nmm.matmul_parallel, nmm.matmul_tiled]
+CONV_STAGES = [nconv.conv2d_naive, nconv.conv2d_vectorized, nconv.conv2d_parallel,
+               nconv.conv2d_tiled]
+
+
+def _check_matmul(kernel, m, k, n, dtype, rng):
+    a = rng.standard_normal((m, k)).astype(dtype)  # (M, K)
+    b = rng.standard_normal((k, n)).astype(dtype)  # (K, N)
+    out = np.full((m, n), np.nan, dtype=dtype)  # garbage in: the kernel must overwrite it all
+    kernel(a, b, out)
+    assert_close(out, oracle.matmul(a, b), oracle.matmul(abs(a), abs(b)), k, dtype,
+                 f"{kernel.__name__} {m}x{k}x{n}")
+
+
+# sizes straddling every tile boundary of the tiled stage: MR, NR, KC, MC, NC, and primes
+MR, NR, KC, MC, NC = nmm.MR, nmm.NR, nmm.KC, nmm.MC, nmm.NC
+TAIL_SHAPES = [(1, 1, 1), (MR - 1, 3, NR - 1), (MR, KC, NR), (MR + 1, KC + 1, NR + 1),
+               (2 * MR + 1, KC - 1, 2 * NR - 1), (MC + 1, 7, NC + 1), (MC - 1, 2 * KC + 3, 37),
+               (13, 17, 19), (97, 61, 131)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TAIL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matmul_tiles_and_tails(shape, dtype, rng):
+    for kernel in MATMUL_STAGES:
+        _check_matmul(kernel, *shape, dtype, rng)
+
+
+CONV_CASES = [  # x shape, w shape, stride, padding, dilation, groups
+    ((1, 1, 1, 1), (1, 1, 1, 1), 1, 0, 1, 1),
+    ((2, 3, 7, 9), (4, 3, 3, 3), 1, 1, 1, 1),
+    ((1, 4, 10, 11), (6, 2, 3, 2), (2, 1), (1, 2), (1, 2), 2),  # groups, stride, dilation
+    ((2, 8, 9, 9), (8, 1, 3, 3), 1, 1, 1, 8),  # depthwise
+    ((1, 5, 8, 13), (7, 5, 2, 4), 1, "same", 1, 1),  # asymmetric padding
+    ((1, 3, 9, 10), (5, 3, 3, 3), (3, 2), (2, 0), 1, 1),
+    ((1, 16, 12, 12), (13, 16, 3, 3), 1, (0, 2), 2, 1),
+    ((1, 20, 9, 35), (40, 20, 3, 3), 1, 1, 1, 1),  # several pixel panels and channel blocks
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_conv_stages_and_fused(case, dtype, rng):
+    xs, ws, stride, padding, dilation, groups = CONV_CASES[case]
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal(ws).astype(dtype)
+    bias = rng.standard_normal(ws[0]).astype(dtype)
+    plan = check_conv2d(x, w, bias, stride, padding, dilation, groups)
+    args = (stride, padding, dilation, groups)
+    reduction = ws[1] * ws[2] * ws[3]
+    ref = oracle.conv2d(x, w, None, *args)
+    aref = oracle.conv2d(x, w, None, *args, absolute=True)
+    for kernel in CONV_STAGES:
+        out = np.full(plan.out_shape, np.nan, dtype=dtype)
+        kernel(plan.x, plan.w, out, plan.params)
+        assert_close(out, ref, aref, reduction, dtype, f"{kernel.__name__} case {case}")
+    out = np.full(plan.out_shape, np.nan, dtype=dtype)
+    nfused.conv2d_bias_relu_fused(plan.x, plan.w, plan.bias, out, plan.params)
+    assert_close(out, oracle.conv2d(x, w, bias, *args, relu=True),
+                 oracle.conv2d(x, w, bias, *args, relu=True, absolute=True), reduction + 1,
+                 dtype, f"fused case {case}")
+
+
+def test_fused_relu_keeps_nan(rng):
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    x[0, 1, 2, 3] = np.nan
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bias = -np.abs(rng.standard_normal(4)).astype(np.float32) - 100  # ReLU zeroes the rest
+    plan = check_conv2d(x, w, bias, 1, 1, 1, 1)
+    out = np.empty(plan.out_shape, dtype=np.float32)
+    nfused.conv2d_bias_relu_fused(plan.x, plan.w, plan.bias, out, plan.params)
+    expected = oracle.conv2d(x, w, bias, 1, 1, relu=True)
+    assert np.array_equal(np.isnan(out), np.isnan(expected)) and np.isnan(out).sum() == 4 * 9
+    assert np.all(out[~np.isnan(out)] == 0)
+
+
+# ------------------------------------------------------------------------------------ SIMD
+def _asm(py_func, signature, **options):
+    # A fresh, uncached compile of the real kernel source: Numba cannot show the assembly of a
+    # function it loaded from its on-disk cache.
+    dispatcher = numba.njit(**options)(py_func)
+    dispatcher.compile(signature)
+    return dispatcher.inspect_asm(signature)
+
+
+PACKED_FMA = re.compile(r"vfmadd\d+ps\s+[^\n]*%[yz]mm")
+
+
+def test_vectorized_matmul_emits_packed_fma():
+    f32 = numba.float32[:, ::1]
+    asm = _asm(nmm._matmul_row.py_func, (f32, f32, f32, numba.int64),
+               fastmath=_common.FASTMATH)
+    assert PACKED_FMA.search(asm), "expected vfmadd...ps on ymm/zmm registers"
+
+
+def test_naive_matmul_has_no_packed_fma():
+    f32 = numba.float32[:, ::1]
+    asm = _asm(nmm._matmul_naive.py_func, (f32, f32, f32))
+    assert not PACKED_FMA.search(asm)
+
+
+def test_micro_kernel_keeps_accumulators_in_registers():
+    f32 = numba.float32[:, ::1]
+    signature = (f32, numba.int64, numba.int64, f32, numba.int64, numba.int64, f32,
+                 numba.int64, numba.int64, numba.int64, numba.int64, numba.boolean,
+                 numba.float32[::1], numba.boolean, numba.boolean)
+    asm = _asm(nmm.micro_kernel.py_func, signature, fastmath=_common.FASTMATH)
+    # MR x NR float32 = 6 x 32 = 12 vectors of 16 lanes (or 24 of 8): one FMA each per k step
+    fmas = len(PACKED_FMA.findall(asm))
+    assert fmas >= MR * NR // 16, f"found {fmas} packed FMAs"
+
+
+# ------------------------------------------------------------------------------- threads
+def test_threading_layer_is_thread_safe_or_locked():
+    a = np.ones((8, 8), dtype=np.float32)
+    out = np.empty((8, 8), dtype=np.float32)
+    nmm.matmul_parallel(a, a, out)  # starts the threading layer
+    layer = numba.threading_layer()
+    assert layer in ("omp", "tbb") or nmm._serialised_parallel is not nmm._matmul_parallel
+
+
+def test_concurrent_calls_from_python_threads(rng):
+    a = rng.standard_normal((70, 90)).astype(np.float32)
+    b = rng.standard_normal((90, 110)).astype(np.float32)
+    x = rng.standard_normal((1, 8, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    plan = check_conv2d(x, w, None, 1, 1, 1, 1)
+    mm_ref = oracle.matmul(a, b), oracle.matmul(abs(a), abs(b))
+    conv_ref = oracle.conv2d(x, w, None, 1, 1), oracle.conv2d(x, w, None, 1, 1, absolute=True)
+    for kernel in (nmm.matmul_parallel, nmm.matmul_tiled):  # compile before the race
+        kernel(a, b, np.empty((70, 110), np.float32))
+    nconv.conv2d_tiled(plan.x, plan.w, np.empty(plan.out_shape, np.float32), plan.params)
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(20):
+                for kernel in (nmm.matmul_parallel, nmm.matmul_tiled):
+                    out = np.empty((70, 110), np.float32)
+                    kernel(a, b, out)
+                    assert_close(out, *mm_ref, 90, np.float32, kernel.__name__)
+                out = np.empty(plan.out_shape, np.float32)
+                nconv.conv2d_tiled(plan.x, plan.w, out, plan.params)
+                assert_close(out, *conv_ref, 72, np.float32, "conv2d_tiled")
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
