@@ -163,6 +163,8 @@ CONV_CASES = [
     ((1, 4, 10, 12), (6, 2, 3, 2), (2, 1), 1, (1, 2), 2),
     ((2, 6, 8, 8), (6, 1, 3, 3), 1, 1, 1, 6),  # depthwise
     ((1, 8, 7, 7), (16, 1, 3, 3), 2, 1, 1, 8),  # depthwise, multiplier 2, stride 2
+    ((2, 3, 4, 2), (3, 1, 3, 3), 1, (2, 1), 1, 3),  # depthwise, no interior column
+    ((1, 4, 9, 12), (4, 1, 3, 5), (1, 2), (0, 3), (2, 1), 4),  # depthwise, strided, dilated
     ((1, 3, 20, 20), (9, 3, 7, 7), 2, 3, 1, 1),  # stem-like
     ((1, 16, 5, 6), (33, 16, 1, 1), 1, 0, 1, 1),  # 1x1 plain-matrix path, M = 4*MR + 1
     ((1, 5, 13, 13), (9, 5, 3, 3), 1, "same", 2, 1),  # asymmetric "same" + dilation
