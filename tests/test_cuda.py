@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -568,3 +569,43 @@ def test_gpu_conv_resnet_layer(cp, rng):
             return cp.asnumpy(got)
         check_conv(on_gpu, case, np.float32, rng, f"conv2d_bias_relu/cupy/{stage} resnet",
                    fused=True)
+
+
+# ------------------------------------------------------------------------------ the benchmark
+def _gpu_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_report_writer(tmp_path):
+    """The report writer and argument parsing work without a GPU (synthetic numbers)."""
+    bench = _gpu_bench()
+    args = bench.parse_args(["--out", str(tmp_path), "--sizes", "64"])
+    report = dict(args=vars(args), method="m", environment=dict(gpu="fake"), matmul=[
+        dict(size=64, stage="cuBLAS (cupy.matmul)", ms=1.0, gflops=2.0, pct_of_cublas=100.0,
+             rel_err=0.0),
+        dict(size=64, stage="naive", skipped="max_flops"),
+    ], conv=[dict(layer="3x3", gflop=1.0, entries=[
+        dict(impl="PyTorch cuDNN FP32", ms=1.0, gflops=1.0, speed_vs_cudnn_fp32=1.0),
+        dict(impl="fastops fused", ms=2.0, gflops=0.5, speed_vs_cudnn_fp32=0.5,
+             rel_err_vs_torch=1e-6),
+        dict(impl="fastops naive", skipped="time budget spent")])])
+    bench.write_markdown(report, tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    assert "| 64 | naive | skipped: max_flops" in text and "0.50x" in text
+
+
+def test_gpu_bench_says_no_gpu(tmp_path):
+    try:
+        import cupy
+
+        if cupy.cuda.is_available():
+            pytest.skip("a GPU is present: gpu_check.sh runs the real benchmark")
+    except Exception:  # noqa: BLE001 - no CuPy: exactly the case under test
+        pass
+    bench = _gpu_bench()
+    assert bench.main(["--out", str(tmp_path)]) == 2
+    assert "no GPU" in (tmp_path / "report.md").read_text()
