@@ -107,11 +107,15 @@ def _conv_plane(x, w, out, n, k, sh, sw, pt, pl, dh, dw, groups):
             for j in range(kw):
                 wo_lo, wo_hi = valid_range(wo_n, wid, sw, j * dw - pl)
                 wv = w[k, c, i, j]
+                iw0 = j * dw - pl
                 for ho in range(ho_lo, ho_hi):
                     ih = ho * sh + i * dh - pt
-                    iw0 = j * dw - pl
-                    for wo in range(wo_lo, wo_hi):  # SIMD: contiguous, independent
-                        out[n, k, ho, wo] += wv * x[n, ci, ih, wo * sw + iw0]
+                    if sw == 1:  # contiguous in x too: plain SIMD loads
+                        for wo in range(wo_lo, wo_hi):
+                            out[n, k, ho, wo] += wv * x[n, ci, ih, wo + iw0]
+                    else:  # strided input, still independent iterations
+                        for wo in range(wo_lo, wo_hi):
+                            out[n, k, ho, wo] += wv * x[n, ci, ih, wo * sw + iw0]
 
 
 @jit(fastmath=FASTMATH)
