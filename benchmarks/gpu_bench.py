@@ -48,8 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=8, help="conv batch size (default 8)")
     parser.add_argument("--target-s", type=float, default=0.3,
                         help="seconds of timed calls per entry (default 0.3)")
-    parser.add_argument("--budget-s", type=float, default=300,
-                        help="stop starting new entries after this many seconds (default 300)")
+    parser.add_argument("--budget-s", type=float, default=240,
+                        help="stop starting new entries after this many seconds (default 240)")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--skip-conv", action="store_true")
     return parser.parse_args(argv)

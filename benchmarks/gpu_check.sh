@@ -8,7 +8,7 @@
 # report.md. Needs no network and builds nothing: fastops is staged into a temporary folder
 # with kernels/ placed at fastops/kernels (what setup.py's package_dir does when installing),
 # so the Cython extension need not build there. Environment knobs: PYTHON (default python3),
-# TEST_TIMEOUT (s, default 180), BENCH_TIMEOUT (s, default 330), BENCH_ARGS (extra arguments
+# TEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 270), BENCH_ARGS (extra arguments
 # for gpu_bench.py, e.g. "--sizes 1024 --batch 2").
 # Exit status: 0 when tests and benchmark passed, 2 when there is no GPU, 1 otherwise.
 set -u
@@ -52,13 +52,13 @@ cat "$OUT_DIR/env.txt"
 # Run from the staged copy (cwd first on sys.path), so `import fastops` finds the staged package.
 cd "$STAGE" || exit 1
 echo "== tests/test_cuda.py"
-timeout "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
     | tee "$OUT_DIR/pytest.log"
 test_rc=${PIPESTATUS[0]}
 
 echo "== benchmarks/gpu_bench.py"
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of words on purpose
-timeout "${BENCH_TIMEOUT:-330}" "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 \
+timeout "${BENCH_TIMEOUT:-270}" "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT_DIR/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
