@@ -20,9 +20,10 @@
 #             room for the A sliver (8 x 256 x 4 B = 8 KiB) streaming past it.
 #   MC = 256: the A block is 256 x 256 x 4 B = 256 KiB and the B block of a task at most
 #             KC x NC_MAX = 256 x 1024 x 4 B = 1 MiB: together well inside the 2 MiB L2.
-# A is packed once for the whole call (for conv it is the weights; for matmul it is read
-# N / NC times from the packed copy); B is packed per task, so with tasks split over columns
-# every element of B is packed exactly once.
+# matmul packs A once for the whole call (read N / NC times from the packed copy). conv2d
+# passes its weights unpacked (lda > 0): they are already row-major along the reduction, and
+# the micro-kernel broadcasts from MR row pointers in place. B is packed per task, so with
+# tasks split over columns every element of B is packed exactly once.
 #
 # B comes either from a row-major matrix (matmul) or straight from an image (conv2d,
 # "implicit GEMM"): row p of B is the tap (c, r, s) and column j the output pixel (oh, ow),

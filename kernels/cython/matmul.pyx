@@ -144,21 +144,43 @@ def matmul_parallel(a, b, out):
 
 # ---------------------------------------------------------------------------- 4 tiled
 cdef enum:
-    SKINNY_COLUMNS = 256  # column chunk of the M < MR path: out[i, chunk] is 1 KiB, in L1
+    SKINNY_COLUMNS = 256  # column chunk of the portable M < MR path: out[i, chunk] in L1
+
+cdef extern from "microkernel.h" nogil:
+    enum:
+        FO_HAVE_SKINNY
+    void fo_skinny_f(int m, long K, const float *A, long lda, const float *B, long ldb,
+                     float *C, long ldc, long nc)
+    void fo_skinny_d(int m, long K, const double *A, long lda, const double *B, long ldb,
+                     double *C, long ldc, long nc)
 
 
 cdef void skinny_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out):
     """M < MR (e.g. one input row, a GEMV): no packing. Packing B would copy all of it to use
-    each element M times, and an MR-row micro-tile would be mostly padding. Instead split
-    the columns into chunks over the threads and stream b once, row by row."""
-    cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = b.shape[1], ch
+    each element M times, and an MR-row micro-tile would be mostly padding. Instead the
+    columns are split into chunks of 4 vectors over the threads and b is streamed once per
+    3 rows by the register-accumulating fo_skinny_* kernel (microkernel.h); without AVX-512
+    (or with the intrinsics disabled) the `vectorized` loop runs on column chunks instead."""
+    cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = b.shape[1], ch, i, j0, width
     cdef const real *pa = &a[0, 0]
     cdef const real *pb = &b[0, 0]
     cdef real *po = &out[0, 0]
+    width = 4 * (64 // sizeof(real))  # 4 zmm of columns: 64 floats, 32 doubles
     with nogil:
-        for ch in prange((N + SKINNY_COLUMNS - 1) // SKINNY_COLUMNS, schedule="static"):
-            rows_axpy(pa, pb, po, K, N, 0, M, ch * SKINNY_COLUMNS,
-                      min(N, (ch + 1) * SKINNY_COLUMNS))
+        if FO_HAVE_SKINNY and fo_simd_enabled:
+            for ch in prange((N + width - 1) // width, schedule="static"):
+                j0 = ch * width
+                for i in range(0, M, 3):
+                    if real is float:
+                        fo_skinny_f(<int> min(3, M - i), K, pa + i * K, K, pb + j0, N,
+                                    po + i * N + j0, N, min(width, N - j0))
+                    else:
+                        fo_skinny_d(<int> min(3, M - i), K, pa + i * K, K, pb + j0, N,
+                                    po + i * N + j0, N, min(width, N - j0))
+        else:
+            for ch in prange((N + SKINNY_COLUMNS - 1) // SKINNY_COLUMNS, schedule="static"):
+                rows_axpy(pa, pb, po, K, N, 0, M, ch * SKINNY_COLUMNS,
+                          min(N, (ch + 1) * SKINNY_COLUMNS))
 
 
 cdef tiled_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out, Py_ssize_t m_block,

@@ -277,6 +277,63 @@ FO_DEFINE_AVX2(fo_ukernel_d_simd, double, __m256d, 4, FO_MR_D, FO_NR_D, _mm256_l
 #define fo_ukernel_d_simd fo_ukernel_d_portable
 #endif
 
+
+/* ------------------------------------------------------------------ skinny rows (M < MR)
+ * out[0:m, 0:nc] = A[0:m, :] @ B[:, 0:nc] for m <= 3 rows and nc <= 4 vectors of columns,
+ * B read in place (no packing): a GEMV-like product streams B once, so packing it would
+ * double the memory traffic. The accumulators stay in registers over the whole K loop:
+ * 2 (k, k+1 interleaved) x m x 4 vectors, i.e. 8 independent FMA chains even for m = 1
+ * (2 FMA ports x latency 4). The row count is a compile-time constant in each instance. */
+#if FO_X86 && defined(__AVX512F__)
+#define FO_HAVE_SKINNY 1
+#define FO_DEFINE_SKINNY(NAME, T, VT, L, MASKT, SET1, ZERO, LOADU, FMA, ADD, STOREU)            \
+    static inline __attribute__((always_inline)) void NAME##_m(                                \
+        const int m, long K, const T *A, long lda, const T *B, long ldb, T *C, long ldc,       \
+        long nc) {                                                                             \
+        VT acc[2][3][4];                                                                       \
+        MASKT mk[4];                                                                           \
+        for (int v = 0; v < 4; v++) {                                                          \
+            long cols = nc - (long)v * L;                                                      \
+            cols = cols < 0 ? 0 : (cols > L ? L : cols);                                       \
+            mk[v] = (MASKT)((1u << cols) - 1u);                                                \
+            for (int i = 0; i < 3; i++) acc[0][i][v] = acc[1][i][v] = ZERO();                  \
+        }                                                                                      \
+        long k = 0;                                                                            \
+        for (; k < K; k += 2) {                                                                \
+            int steps = k + 1 < K ? 2 : 1;                                                     \
+            for (int u = 0; u < steps; u++) {                                                  \
+                const T *brow = B + (k + u) * ldb;                                             \
+                VT b[4];                                                                       \
+                for (int v = 0; v < 4; v++) b[v] = LOADU(mk[v], brow + v * L);                 \
+                for (int i = 0; i < m; i++) {                                                  \
+                    VT a = SET1(A[i * lda + k + u]);                                           \
+                    for (int v = 0; v < 4; v++) acc[u][i][v] = FMA(a, b[v], acc[u][i][v]);     \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int i = 0; i < m; i++)                                                            \
+            for (int v = 0; v < 4; v++)                                                        \
+                STOREU(C + i * ldc + v * L, mk[v], ADD(acc[0][i][v], acc[1][i][v]));           \
+    }                                                                                          \
+    static void NAME(int m, long K, const T *A, long lda, const T *B, long ldb, T *C,          \
+                     long ldc, long nc) {                                                      \
+        if (m == 1) NAME##_m(1, K, A, lda, B, ldb, C, ldc, nc);                                \
+        else if (m == 2) NAME##_m(2, K, A, lda, B, ldb, C, ldc, nc);                           \
+        else NAME##_m(3, K, A, lda, B, ldb, C, ldc, nc);                                       \
+    }
+
+FO_DEFINE_SKINNY(fo_skinny_f, float, __m512, 16, __mmask16, _mm512_set1_ps, _mm512_setzero_ps,
+                 _mm512_maskz_loadu_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_mask_storeu_ps)
+FO_DEFINE_SKINNY(fo_skinny_d, double, __m512d, 8, __mmask8, _mm512_set1_pd, _mm512_setzero_pd,
+                 _mm512_maskz_loadu_pd, _mm512_fmadd_pd, _mm512_add_pd, _mm512_mask_storeu_pd)
+#else
+#define FO_HAVE_SKINNY 0
+static void fo_skinny_f(int m, long K, const float *A, long lda, const float *B, long ldb,
+                        float *C, long ldc, long nc) {}
+static void fo_skinny_d(int m, long K, const double *A, long lda, const double *B, long ldb,
+                        double *C, long ldc, long nc) {}
+#endif
+
 /* ------------------------------------------------------------------ dispatch */
 /* A is read as Ap[i * a_rs + p * a_ks]: a packed sliver (a_rs = 1, a_ks = MR) or rows of a
  * row-major matrix read in place (a_rs = lda, a_ks = 1; conv weights, see gemm.pxi). */
