@@ -235,7 +235,7 @@ def test_portable_micro_kernel_path(dtype, rng):
     previous = (mm.set_simd(False), cv.set_simd(False))
     try:
         mr, nr, kc, _mc = tiles(dtype)
-        for m, k, n in [(mr + 1, kc + 3, nr - 1), (2 * mr, 5, 2 * nr + 1)]:
+        for m, k, n in [(mr + 1, kc + 3, nr - 1), (2 * mr, 5, 2 * nr + 1), (2, 33, 70)]:
             a = rng.standard_normal((m, k)).astype(dtype)
             b = rng.standard_normal((k, n)).astype(dtype)
             check_matmul(tiled, a, b, "portable")
