@@ -59,6 +59,15 @@ CONV_CASES = [  # x shape, w shape, stride, padding, dilation, groups
     ((1, 3, 9, 10), (5, 3, 3, 3), (3, 2), (2, 0), 1, 1),
     ((1, 16, 12, 12), (13, 16, 3, 3), 1, (0, 2), 2, 1),
     ((1, 20, 9, 35), (40, 20, 3, 3), 1, 1, 1, 1),  # several pixel panels and channel blocks
+    # the wide grid and its phase split: strides, unequal strides with dilation, big padding
+    ((1, 6, 11, 12), (8, 6, 3, 3), 2, 1, 1, 1),
+    ((1, 7, 13, 10), (6, 7, 3, 2), (3, 1), (1, 0), (2, 3), 1),
+    ((1, 3, 20, 21), (8, 3, 7, 7), 2, 3, 1, 1),  # stem-like 7x7 stride 2
+    ((1, 2, 5, 5), (6, 2, 3, 3), 1, 4, 1, 1),  # padding wider than the kernel
+    # groups with fewer than MR output channels take the plane path; 7 = MR + 1 edge rows
+    ((1, 8, 9, 9), (8, 2, 3, 3), 1, 1, 1, 4),
+    ((2, 4, 10, 9), (8, 1, 3, 3), 2, 1, 1, 4),  # depthwise, channel multiplier 2, stride 2
+    ((1, 6, 15, 17), (14, 3, 5, 5), 2, 2, 1, 2),
 ]
 
 
@@ -132,6 +141,24 @@ def test_micro_kernel_keeps_accumulators_in_registers():
     # MR x NR float32 = 6 x 32 = 12 vectors of 16 lanes (or 24 of 8): one FMA each per k step
     fmas = len(PACKED_FMA.findall(asm))
     assert fmas >= MR * NR // 16, f"found {fmas} packed FMAs"
+
+
+def test_conv_micro_kernel_keeps_accumulators_in_registers():
+    f32, f1, i64 = numba.float32[:, ::1], numba.float32[::1], numba.int64
+    signature = (f32, i64, f1, numba.int64[::1], i64, f32, i64, i64, i64, i64, i64, f1,
+                 numba.boolean)
+    asm = _asm(nconv.direct_micro_kernel.py_func, signature, fastmath=_common.FASTMATH)
+    fmas = len(PACKED_FMA.findall(asm))
+    assert fmas >= MR * NR // 16, f"found {fmas} packed FMAs"
+    assert "Spill" not in asm
+
+
+def test_vectorized_conv_plane_emits_packed_fma():
+    f32, f1, i64 = numba.float32[:, ::1], numba.float32[::1], numba.int64
+    signature = (f1, f32, i64, numba.int64[::1], f1, f1, i64, i64, i64, numba.float64,
+                 numba.boolean)
+    asm = _asm(nconv.conv_plane.py_func, signature, fastmath=_common.FASTMATH)
+    assert PACKED_FMA.search(asm), "expected vfmadd...ps on ymm/zmm registers"
 
 
 # ------------------------------------------------------------------------------- threads

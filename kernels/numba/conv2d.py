@@ -1,22 +1,37 @@
-"""conv2d in Numba: from seven nested loops to an implicit GEMM on the matmul micro-kernel.
+"""conv2d in Numba: from seven nested loops to a register-blocked implicit GEMM.
 
 What you will learn, stage by stage:
 
 1. ``naive``: the seven textbook loops (n, k, ho, wo, c, kh, kw) with a bounds test per tap.
-2. ``vectorized``: the innermost loop runs along a contiguous output row with independent
-   iterations (SIMD), and padding is handled by computing, once per tap, the range of output
-   positions whose input is inside the image, instead of testing every element.
+2. ``vectorized``: the input is copied once into a zero-padded "wide grid" (below), after
+   which every tap of the kernel is one long, branch-free, contiguous SIMD loop over a whole
+   output plane.
 3. ``parallel``: the (image, output channel) planes shared out over the cores with ``prange``.
-4. ``tiled``: convolution as an implicit GEMM. Per image and group, out (Kg, Ho*Wo) =
-   w (Kg, Cg*kH*kW) @ patches (Cg*kH*kW, Ho*Wo). The patch matrix is never built whole: each
-   KC x NC block is gathered into NR-wide panels (L2-sized) just before the matmul micro-kernel
-   (:func:`fastops.kernels.numba.matmul.micro_kernel`) holds a 6 x 32 block of the output in
-   registers across the block.
+4. ``tiled``: convolution as an implicit GEMM. Per image and group, out (Kg, Ho*Wq) =
+   w (Kg, Cg*kH*kW) @ patches (Cg*kH*kW, Ho*Wq), with a 6-channel x 32-pixel block of the
+   output held in registers for the whole reduction. The patch matrix is never built, not
+   even in panels: on the wide grid each tap's 32 pixels are 32 consecutive input values, so
+   the micro-kernel reads them straight from the padded image.
+
+The wide grid. Zero-pad the input (C, Hp, Wp) and compute the output on Ho rows of Wq = Wp
+columns instead of Wo (stride 1). Output pixel f = ho * Wq + wo of tap (c, i, j) then reads
+flat input element c*Hp*Wp + i*dh*Wq + j*dw + f: the *same* offset for every pixel, so a
+tap is a contiguous slice of the flat image, whatever the padding or dilation. The Wq - Wo
+"junk" columns at the end of each row (they read across the row edge) are computed and
+dropped when storing: 2/28 extra work at ResNet res3 (Wp = 30), 2/56 at res2.
+Strides: the padded image is split into its sh x sw phases, xs[c, a, b, r, q] =
+xp[c, r*sh + a, q*sw + b] (a space-to-depth copy), on which a strided conv is a stride-1 conv
+(tap (i, j) reads phase (i*dh % sh, j*dw % sw) shifted by (i*dh // sh, j*dw // sw)); with
+stride 1 there is one phase and xs is just the padded image. See :func:`_split_plane`.
 
 Every stage handles groups (depthwise included), stride, dilation and asymmetric padding.
 Calling convention (fastops.registry): ``kernel(x, w, out, p)`` with x (N, C, H, W),
 w (K, C/groups, kH, kW), out (N, K, Ho, Wo), p a ConvParams. No bias: the API adds it (the
 fused bias + ReLU stage lives in conv2d_bias_relu.py and reuses :func:`conv_gemm` below).
+
+Numbers quoted in the docstrings were measured on this 2-core AVX-512 machine while other
+jobs shared it: the script ran the candidates interleaved in one process, 15-40 repeats
+each, and quotes median and min (res3 = C128 28x28 -> K128, 3x3, pad 1, batch 1, float32).
 """
 from __future__ import annotations
 
@@ -25,23 +40,125 @@ from numba import get_num_threads, prange
 
 from fastops.registry import register
 
-from ._common import FASTMATH, jit, serialised
-from .matmul import MR, NR, micro_kernel, padded_rows, tile_grid
+from ._common import FASTMATH, jit, serialised, stack_vector
+from .matmul import MR, NR, padded_rows, tile_grid
 
 # ---------------------------------------------------------------------------------- helpers
 
 
 @jit()
 def valid_range(out_len, in_len, stride, offset):
-    """[lo, hi): the output positions o with 0 <= o * stride + offset < in_len.
+    """[lo, hi): the positions o in [0, out_len) with 0 <= o * stride + offset < in_len.
 
-    Replaces a bounds test per element by one computation per (tap, axis): taps that fall in
-    the padding simply get a shorter loop.
+    Used by the padding copy: one range per row instead of a bounds test per element.
     """
     lo = 0 if offset >= 0 else (-offset + stride - 1) // stride
     last = in_len - 1 - offset  # largest o * stride allowed
     hi = 0 if last < 0 else min(out_len, last // stride + 1)
     return lo, max(lo, hi)
+
+
+@jit()
+def wide_grid(h, wid, sh, sw, pt, pb, pl, pr):
+    """(Hq, Wq): rows and columns of one phase of the padded input, which is also the wide
+    output grid (Ho rows of Wq >= Wo columns)."""
+    return (h + pt + pb + sh - 1) // sh, (wid + pl + pr + sw - 1) // sw
+
+
+@jit()
+def alloc_split(x, sh, sw, hq, wq, kw, dw):
+    """Uninitialised phase-split images xs (N, C*sh*sw*Hq*Wq + slack), the slack zeroed.
+
+    The slack: the last tap's junk columns and the micro-kernel's last, partial 32-pixel
+    panel read up to Wq + NR values past the last phase plane.
+    """
+    n_img, c_in = x.shape[0], x.shape[1]
+    body = c_in * sh * sw * hq * wq
+    slack = wq + NR + kw * dw
+    xs = np.empty((n_img, body + slack), dtype=x.dtype)
+    for n in range(n_img):
+        for e in range(body, body + slack):
+            xs[n, e] = 0.0
+    return xs
+
+
+@jit()
+def _split_plane(x, n, c, sh, sw, pt, pl, hq, wq, xs):
+    """xs[n] phases of channel c: xs[n, ((c*sh + a)*sw + b)*Hq*Wq + r*Wq + q] =
+    x[n, c, r*sh + a - pt, q*sw + b - pl], zero outside the image (the padding).
+
+    x: (N, C, H, W); xs: (N, >= C*sh*sw*Hq*Wq). One pass over the input, each row split into
+    a zero prefix, a copied middle and a zero suffix (no test per element).
+    """
+    h, wid = x.shape[2], x.shape[3]
+    for a in range(sh):
+        for b in range(sw):
+            plane = ((c * sh + a) * sw + b) * hq * wq
+            q_lo, q_hi = valid_range(wq, wid, sw, b - pl)
+            for r in range(hq):
+                row = plane + r * wq
+                ih = r * sh + a - pt
+                if ih < 0 or ih >= h:
+                    for q in range(wq):
+                        xs[n, row + q] = 0.0
+                    continue
+                for q in range(q_lo):
+                    xs[n, row + q] = 0.0
+                for q in range(q_lo, q_hi):
+                    xs[n, row + q] = x[n, c, ih, q * sw + b - pl]
+                for q in range(q_hi, wq):
+                    xs[n, row + q] = 0.0
+
+
+@jit()
+def tap_offsets(groups, cg, kh, kw, sh, sw, dh, dw, hq, wq):
+    """(groups, Cg*kH*kW) offset of each tap (c, i, j) of each group in a phase-split image.
+
+    Output pixel f = ho*Wq + wo of tap t reads xs[n, offsets[g, t] + f]: the whole geometry
+    (channel, padding, stride, dilation) folds into one integer per tap, computed once.
+    """
+    offsets = np.empty((groups, cg * kh * kw), dtype=np.int64)
+    for g in range(groups):
+        for c in range(cg):
+            ci = g * cg + c
+            for i in range(kh):
+                a, ri = (i * dh) % sh, (i * dh) // sh  # phase row, shift in phase rows
+                for j in range(kw):
+                    b, qj = (j * dw) % sw, (j * dw) // sw
+                    plane = ((ci * sh + a) * sw + b) * hq * wq
+                    offsets[g, (c * kh + i) * kw + j] = plane + ri * wq + qj
+    return offsets
+
+
+@jit(fastmath=FASTMATH)
+def store_wide(acc, out_plane, f0, count, wq, wo_n, ho_n, bias_value, relu):
+    """out_plane[ho*Wo + wo] = epilogue(acc[f - f0]) for the wide pixels f0 <= f < f0 + count
+    that are real output pixels (wo < Wo, ho < Ho); junk columns and rows are dropped.
+
+    acc: (>= count,) accumulators on the wide grid; out_plane: (Ho*Wo,) one output channel.
+    The epilogue adds ``bias_value`` and, with ``relu``, applies max(., 0) keeping NaN (as
+    numpy.maximum). One division per call, then one short copy per output row touched.
+    """
+    ho = f0 // wq
+    wo = f0 - ho * wq
+    j = 0
+    while j < count and ho < ho_n:
+        run = min(count - j, wq - wo)  # wide pixels left in this row
+        dst = ho * wo_n + wo
+        for t in range(max(0, min(run, wo_n - wo))):
+            v = acc[j + t] + bias_value
+            if relu and not (v > 0.0 or v != v):
+                v = 0.0
+            out_plane[dst + t] = v
+        j += run
+        ho += 1
+        wo = 0
+
+
+@jit()
+def bias_at(bias, k):
+    """bias[k], or 0 when there is no bias (an empty array)."""
+    return bias[k] if bias.shape[0] > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------- stage 1
@@ -77,6 +194,7 @@ def conv2d_naive(x, w, out, p):
     zero padding: one output at a time, one serial sum each.
     Bottleneck: the sum is a chain of dependent adds (no SIMD without reassociation), and the
     innermost loops walk kW, kH and C, which hop across the input (row and channel strides).
+    Measured at res3: 180-190 ms, about 1.2 GFLOP/s.
     Still missing: SIMD, threads, reuse of inputs and weights in registers.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
@@ -86,176 +204,193 @@ def conv2d_naive(x, w, out, p):
 
 # ---------------------------------------------------------------------------------- stage 2
 @jit(fastmath=FASTMATH)
-def _conv_plane(x, w, out, n, k, sh, sw, pt, pl, dh, dw, groups):
-    """out[n, k] (Ho, Wo) = sum over taps (c, i, j) of w[k, c, i, j] * shifted input window.
+def conv_plane(ximg, wmat, k, offsets, acc, out_plane, wq, wo_n, ho_n, bias_value, relu):
+    """out_plane (Ho*Wo,) = epilogue(sum over taps t of wmat[k, t] * ximg[offsets[t] + f]).
 
-    Loop order c, i, j, ho, wo: the output plane (56 x 56 x 4 B = 12 KiB float32 at ResNet's
-    largest) stays in L1 while every tap adds one scaled, shifted copy of an input plane; the
-    wo loop is contiguous in out (and in x when stride_w = 1) with independent iterations.
+    ximg: (L,) one phase-split image; wmat: (K, Cg*kH*kW) weights; offsets: (Cg*kH*kW,) this
+    group's tap offsets; acc: (Ho*Wq,) scratch, the output plane on the wide grid.
+    Loop order taps, then pixels: every tap is one axpy over the whole wide plane (840 values
+    at res3, 3248 at res2), contiguous in acc and ximg with independent iterations, so the
+    vector loop runs full width and its scalar remainder is negligible. The plane (13 KiB
+    float32 at res2) stays in L1 across the taps.
     """
-    h, wid = x.shape[2], x.shape[3]
-    cg, kh, kw = w.shape[1], w.shape[2], w.shape[3]
-    ho_n, wo_n = out.shape[2], out.shape[3]
-    g = k // (w.shape[0] // groups)
-    for ho in range(ho_n):
-        for wo in range(wo_n):
-            out[n, k, ho, wo] = 0.0
-    for c in range(cg):
-        ci = g * cg + c
-        for i in range(kh):
-            ho_lo, ho_hi = valid_range(ho_n, h, sh, i * dh - pt)
-            for j in range(kw):
-                wo_lo, wo_hi = valid_range(wo_n, wid, sw, j * dw - pl)
-                wv = w[k, c, i, j]
-                iw0 = j * dw - pl
-                for ho in range(ho_lo, ho_hi):
-                    ih = ho * sh + i * dh - pt
-                    if sw == 1:  # contiguous in x too: plain SIMD loads
-                        for wo in range(wo_lo, wo_hi):
-                            out[n, k, ho, wo] += wv * x[n, ci, ih, wo + iw0]
-                    else:  # strided input, still independent iterations
-                        for wo in range(wo_lo, wo_hi):
-                            out[n, k, ho, wo] += wv * x[n, ci, ih, wo * sw + iw0]
+    wide = acc.shape[0]
+    for f in range(wide):
+        acc[f] = 0.0
+    for t in range(offsets.shape[0]):
+        wv = wmat[k, t]
+        src = ximg[offsets[t]:]  # a view starting at the tap: x index = f, nonnegative
+        for f in range(wide):
+            acc[f] += wv * src[f]
+    store_wide(acc, out_plane, 0, wide, wq, wo_n, ho_n, bias_value, relu)
 
 
 @jit(fastmath=FASTMATH)
-def _conv_vectorized(x, w, out, sh, sw, pt, pl, dh, dw, groups):
-    for n in range(x.shape[0]):
-        for k in range(w.shape[0]):
-            _conv_plane(x, w, out, n, k, sh, sw, pt, pl, dh, dw, groups)
+def _conv_vectorized(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups):
+    n_img, c_in, h, wid = x.shape
+    k_out, cg, kh, kw = w.shape
+    ho_n, wo_n = out.shape[2], out.shape[3]
+    hq, wq = wide_grid(h, wid, sh, sw, pt, pb, pl, pr)
+    xs = alloc_split(x, sh, sw, hq, wq, kw, dw)  # (N, C*sh*sw*Hq*Wq + slack)
+    for n in range(n_img):
+        for c in range(c_in):
+            _split_plane(x, n, c, sh, sw, pt, pl, hq, wq, xs)
+    offsets = tap_offsets(groups, cg, kh, kw, sh, sw, dh, dw, hq, wq)  # (groups, taps)
+    wmat = w.reshape(k_out, cg * kh * kw)
+    planes = out.reshape(n_img, k_out, ho_n * wo_n)
+    acc = np.empty(ho_n * wq, dtype=out.dtype)  # (Ho*Wq,) one wide output plane
+    kg = k_out // groups
+    for n in range(n_img):
+        for k in range(k_out):
+            conv_plane(xs[n], wmat, k, offsets[k // kg], acc, planes[n, k], wq, wo_n, ho_n,
+                       0.0, False)
 
 
-@register("conv2d", "numba", "vectorized", "tap-outer loops, SIMD along output rows, "
-          "padding as valid ranges")
+@register("conv2d", "numba", "vectorized", "padded wide-grid copy, then one contiguous SIMD "
+          "axpy per tap over a whole output plane")
 def conv2d_vectorized(x, w, out, p):
     """Stage 2 · vectorized.
 
-    Changed since `naive`: the loops are reordered so the innermost one runs along an output
-    row (wo), contiguous in ``out`` and, for stride 1, in ``x``, with independent iterations;
-    fast-math lets LLVM emit packed FMAs. Padding is handled by a valid [lo, hi) range per tap
-    and axis (:func:`valid_range`), so the inner loop has no branch.
-    Bottleneck removed: scalar, branchy arithmetic.
-    Still missing: one core only; each tap re-reads and re-writes the whole output plane
-    (an L1 round trip per FMA), and each weight is used for only one plane.
+    Changed since `naive`: the input is first copied into a zero-padded, phase-split image
+    (the "wide grid", see the module docstring), which turns every tap (c, i, j) into one
+    offset. The loops are then reordered to n, k, taps, pixels: the innermost loop is an axpy,
+    ``acc[f] += w[k, t] * xs[offset[t] + f]`` over the whole wide output plane, contiguous in
+    both arrays, branch-free, with independent iterations, and fast-math lets LLVM emit
+    packed FMAs. Junk columns are dropped when the plane is stored.
+    Bottleneck removed: scalar, branchy arithmetic. An earlier version of this stage ran the
+    axpy along each output row with per-tap valid ranges instead of a padded copy: at res3
+    the rows are 28 wide, shorter than LLVM's unrolled vector loop (4 x 8 floats), so nearly
+    every FMA ran in the scalar remainder: 90-96 ms (2.5 GFLOP/s), against 25-27 ms here.
+    Still missing: one core only; each tap re-reads and re-writes the whole output plane (an
+    L1 load and store per FMA), and each input value loaded feeds one FMA.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
-    _conv_vectorized(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h,
-                     p.dil_w, p.groups)
+    _conv_vectorized(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
+                     p.pad_right, p.dil_h, p.dil_w, p.groups)
 
 
 # ---------------------------------------------------------------------------------- stage 3
 @jit(fastmath=FASTMATH, parallel=True)
-def _conv_parallel(x, w, out, sh, sw, pt, pl, dh, dw, groups):
-    k_out = w.shape[0]
-    for plane in prange(x.shape[0] * k_out):  # (image, output channel) planes are independent
-        _conv_plane(x, w, out, plane // k_out, plane % k_out, sh, sw, pt, pl, dh, dw, groups)
+def split_parallel(x, sh, sw, pt, pb, pl, pr, kw, dw):
+    """The phase-split copy (see :func:`_split_plane`), (image, channel) planes over threads.
+
+    Returns (xs, Hq, Wq)."""
+    n_img, c_in, h, wid = x.shape
+    hq, wq = wide_grid(h, wid, sh, sw, pt, pb, pl, pr)
+    xs = alloc_split(x, sh, sw, hq, wq, kw, dw)
+    for nc in prange(n_img * c_in):
+        _split_plane(x, nc // c_in, nc % c_in, sh, sw, pt, pl, hq, wq, xs)
+    return xs, hq, wq
 
 
-_conv_parallel_safe = serialised(_conv_parallel)
+@jit(fastmath=FASTMATH, parallel=True)
+def conv_planes_parallel(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias, relu):
+    """Every (image, output channel) plane by :func:`conv_plane`, planes shared out with
+    ``prange``; bias: (K,) or empty, relu: see :func:`store_wide`."""
+    n_img = x.shape[0]
+    k_out, cg, kh, kw = w.shape
+    ho_n, wo_n = out.shape[2], out.shape[3]
+    xs, hq, wq = split_parallel(x, sh, sw, pt, pb, pl, pr, kw, dw)
+    offsets = tap_offsets(groups, cg, kh, kw, sh, sw, dh, dw, hq, wq)
+    wmat = w.reshape(k_out, cg * kh * kw)
+    planes = out.reshape(n_img, k_out, ho_n * wo_n)
+    kg = k_out // groups
+    for plane in prange(n_img * k_out):  # (image, output channel) planes are independent
+        n, k = plane // k_out, plane % k_out
+        acc = np.empty(ho_n * wq, dtype=out.dtype)  # per-plane scratch, 3-13 KiB: L1
+        conv_plane(xs[n], wmat, k, offsets[k // kg], acc, planes[n, k], wq, wo_n, ho_n,
+                   bias_at(bias, k), relu)
+
+
+_conv_planes_safe = serialised(conv_planes_parallel)
 
 
 @register("conv2d", "numba", "parallel", "vectorized planes split over threads with prange")
 def conv2d_parallel(x, w, out, p):
     """Stage 3 · parallel.
 
-    Changed since `vectorized`: the (image, output channel) planes are a ``prange``, so each
-    core computes whole output planes with the same SIMD loop.
+    Changed since `vectorized`: the padding copy and the (image, output channel) planes are
+    ``prange`` loops, so each core computes whole output planes with the same SIMD axpy.
+    A plane is a big enough unit (res3: 1152 taps x 840 pixels, about 1 M FMAs) that the
+    threads' start-up and the uneven last planes are noise.
     Bottleneck removed: one idle core.
     Still missing: register reuse. Every FMA still loads and stores its output element, and
     every input plane is streamed once per output channel (K times).
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
-    _conv_parallel_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_left, p.dil_h,
-                        p.dil_w, p.groups)
+    _conv_planes_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
+                      p.pad_right, p.dil_h, p.dil_w, p.groups, np.empty(0, dtype=out.dtype),
+                      False)
 
 
 # ---------------------------------------------------------------------------------- stage 4
-# Blocks of the implicit GEMM (per image and group: M = Kg output channels, N = Ho*Wo pixels,
-# K = Cg*kH*kW taps). A KC x NC block of gathered patches is NC/NR panels of KC x NR:
-# 256 x 256 x 4 B = 256 KiB float32 (512 KiB float64), well inside the 2 MiB L2, where it is
-# reused by every group of MR output channels. Up to MC output channels share one gathered
-# block: the gather is the expensive part (one index computation and a bounds test per value),
-# so it is amortised over as many FMAs as possible (2 * MC per gathered value).
-CONV_KC = 256
+# Tiles of the implicit GEMM on the wide grid (per image and group: M = Kg output channels,
+# N = Ho*Wq wide pixels, K = Cg*kH*kW taps). A thread owns an mc x nc tile and walks it row
+# block by row block: the MR x taps weights of one row block (res3: 6 x 1152 x 4 B = 27 KiB)
+# stay in L1 while the tile's nc/NR pixel panels pass by, and the input those panels read
+# (res3: 128 channels x (256 + 62) x 4 B = 160 KiB) stays in L2 for all mc/MR row blocks.
+CONV_MC = 96
 CONV_NC = 256
-CONV_MC = 512
-
-
-@jit()
-def _zero_padded(x, pt, pb, pl, pr):
-    """x (N, C, H, W) copied into a zero border: (N, C, H + pt + pb, W + pl + pr).
-
-    One pass over the input (a ninth of what an im2col of a 3x3 conv would write) buys a
-    gather with no bounds tests: every window of every tap is inside the padded image.
-    """
-    n_img, c_in, h, wid = x.shape
-    xp = np.zeros((n_img, c_in, h + pt + pb, wid + pl + pr), dtype=x.dtype)
-    for n in range(n_img):
-        for c in range(c_in):
-            for ih in range(h):
-                for iw in range(wid):
-                    xp[n, c, pt + ih, pl + iw] = x[n, c, ih, iw]
-    return xp
-
-
-@jit()
-def _tap_offsets(c0, cg, kh, kw, dh, dw, hp, wp):
-    """(Cg*kH*kW,) flat offset in a padded image (C, Hp, Wp) of each tap of channels c0.. .
-
-    Computed once per group: three integer divisions per tap per panel in the gather loop
-    cost more than the copy itself.
-    """
-    offsets = np.empty(cg * kh * kw, dtype=np.int64)
-    for c in range(cg):
-        for i in range(kh):
-            for j in range(kw):
-                offsets[(c * kh + i) * kw + j] = (c0 + c) * hp * wp + i * dh * wp + j * dw
-    return offsets
 
 
 @jit(fastmath=FASTMATH)
-def _gather_patches(ximg, wp, tap_offset, r0, kc, pix0, cols, wo_n, sh, sw, bpk):
-    """Pack patch-matrix rows r0..r0+kc, pixels pix0..pix0+cols into NR-wide panels.
+def direct_micro_kernel(amat, a_row0, ximg, offsets, f0, out_n, row0, rows, wq, wo_n, ho_n,
+                        bias, relu):
+    """out_n[row0:row0+rows] at wide pixels f0..f0+NR = epilogue(amat[a_row0:+MR] @ B), where
+    B[t, j] = ximg[offsets[t] + f0 + j] is read in place, never packed.
 
-    ximg: one zero-padded image, flattened (C * Hp * Wp,); tap_offset: (Cg*kH*kW,) flat offset
-    of each tap (channel, kernel row, kernel column) of this group, see :func:`_tap_offsets`;
-    bpk: (>= ceil(cols/NR), >= kc, NR), bpk[panel, p, j] = ximg at tap r0 + p of pixel
-    pix0 + panel*NR + j. Columns past the last pixel are left as they are (the caller zeroes
-    them once).
-
-    The NR pixels of a panel are split into runs along output rows; within a run the values
-    of one tap are equally spaced in ximg (contiguous for stride 1), so each (tap, run) is a
-    branch-free copy loop. Measured on res3 (C128 28x28, a 256 x 256 block, min of 9): 1.5 ns
-    per value with a bounds test per value, 1.1 ns with these runs (short runs of <= 28 values
-    spend much of their time in the vector loop's scalar remainder).
+    amat: (>= a_row0 + MR, taps) weights, row-major, read in place (MR sequential streams);
+    ximg: (L,) one phase-split image; offsets: (taps,) this group's tap offsets;
+    out_n: (K, Ho*Wo) one image's output planes; bias: (K,) or empty; rows <= MR.
+    The MR x NR = 6 x 32 accumulators stay in registers for the *whole* reduction (no KC
+    split: nothing is packed, so there is no block to size), then each output value is
+    written exactly once, bias and ReLU applied on the way (:func:`store_wide`).
+    As in the matmul micro-kernel, the six accumulator rows are separate stack vectors named
+    one by one, so every index is a compile-time constant and LLVM keeps them in registers.
     """
-    run_j = np.empty(NR, dtype=np.int64)  # (NR,) first panel column of each run
-    run_src = np.empty(NR, dtype=np.int64)  # (NR,) flat offset of its first window, tap (0, 0)
-    run_len = np.empty(NR, dtype=np.int64)  # (NR,) pixels in the run
-    for panel in range((cols + NR - 1) // NR):
-        first = pix0 + panel * NR
-        end = min(first + NR, pix0 + cols)
-        runs = 0
-        pix = first
-        while pix < end:  # one run per output row the panel touches
-            ho, wo = pix // wo_n, pix % wo_n
-            length = min(wo_n - wo, end - pix)
-            run_j[runs] = pix - first
-            run_src[runs] = ho * sh * wp + wo * sw
-            run_len[runs] = length
-            runs += 1
-            pix += length
-        for p in range(kc):
-            tap = tap_offset[r0 + p]
-            for q in range(runs):
-                src = run_src[q] + tap
-                j0 = run_j[q]
-                if sw == 1:  # contiguous: a SIMD copy
-                    for t in range(run_len[q]):
-                        bpk[panel, p, j0 + t] = ximg[src + t]
-                else:
-                    for t in range(run_len[q]):
-                        bpk[panel, p, j0 + t] = ximg[src + t * sw]
+    dtype = ximg.dtype
+    c0 = stack_vector(NR, dtype)
+    c1 = stack_vector(NR, dtype)
+    c2 = stack_vector(NR, dtype)
+    c3 = stack_vector(NR, dtype)
+    c4 = stack_vector(NR, dtype)
+    c5 = stack_vector(NR, dtype)
+    for j in range(NR):
+        c0[j] = 0.0
+        c1[j] = 0.0
+        c2[j] = 0.0
+        c3[j] = 0.0
+        c4[j] = 0.0
+        c5[j] = 0.0
+    xpanel = ximg[f0:]  # (L - f0,) the panel's first pixel at index 0
+    for p in range(offsets.shape[0]):
+        # one tap: a column of W (MR values) times NR consecutive input values
+        a0 = amat[a_row0, p]
+        a1 = amat[a_row0 + 1, p]
+        a2 = amat[a_row0 + 2, p]
+        a3 = amat[a_row0 + 3, p]
+        a4 = amat[a_row0 + 4, p]
+        a5 = amat[a_row0 + 5, p]
+        brow = xpanel[offsets[p]:]  # a view, so that the index below is a nonnegative j
+        for j in range(NR):
+            bj = brow[j]
+            c0[j] += a0 * bj
+            c1[j] += a1 * bj
+            c2[j] += a2 * bj
+            c3[j] += a3 * bj
+            c4[j] += a4 * bj
+            c5[j] += a5 * bj
+    store_wide(c0, out_n[row0], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0), relu)
+    if rows > 1:
+        store_wide(c1, out_n[row0 + 1], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 1), relu)
+    if rows > 2:
+        store_wide(c2, out_n[row0 + 2], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 2), relu)
+    if rows > 3:
+        store_wide(c3, out_n[row0 + 3], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 3), relu)
+    if rows > 4:
+        store_wide(c4, out_n[row0 + 4], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 4), relu)
+    if rows > 5:
+        store_wide(c5, out_n[row0 + 5], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 5), relu)
 
 
 @jit(fastmath=FASTMATH, parallel=True)
@@ -264,70 +399,60 @@ def conv_gemm(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias, relu, thr
 
     x: (N, C, H, W); w: (K, Cg, kH, kW); out: (N, K, Ho, Wo); bias: (K,) or empty (none);
     relu: apply max(., 0) (NaN kept) in the epilogue. The shared engine of conv2d ``tiled``
-    and conv2d_bias_relu ``fused``: bias and ReLU are applied by the micro-kernel while it
-    writes the last K block of its 6 x 32 output tile, so the output is never re-read.
+    and conv2d_bias_relu ``fused``. Groups with fewer than MR output channels (depthwise:
+    Kg = 1) would leave most micro-kernel rows idle, and their convolution is memory bound
+    anyway, so they take the plane-by-plane path (:func:`conv_planes_parallel`) instead.
     """
-    n_img, c_in, h, wid = x.shape
+    n_img = x.shape[0]
     k_out, cg, kh, kw = w.shape
     ho_n, wo_n = out.shape[2], out.shape[3]
     kg = k_out // groups
-    taps = cg * kh * kw  # GEMM reduction length
-    pixels = ho_n * wo_n
-    wmat = w.reshape(k_out, taps)  # A of every group's GEMM, read in place, row-major
-    outmat = out.reshape(n_img, k_out, pixels)
-    mc, nc = tile_grid(kg, pixels, CONV_MC, CONV_NC, 2 * threads)
+    if kg < MR:
+        conv_planes_parallel(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias, relu)
+        return
+    xs, hq, wq = split_parallel(x, sh, sw, pt, pb, pl, pr, kw, dw)  # (N, L) phase-split images
+    offsets = tap_offsets(groups, cg, kh, kw, sh, sw, dh, dw, hq, wq)  # (groups, taps)
+    wmat = w.reshape(k_out, cg * kh * kw)  # A of every group's GEMM, read in place
+    outmat = out.reshape(n_img, k_out, ho_n * wo_n)
+    wide = ho_n * wq  # GEMM columns: pixels of the wide grid
+    mc, nc = tile_grid(kg, wide, CONV_MC, CONV_NC, 2 * threads)
     tiles_m = (kg + mc - 1) // mc
-    tiles_n = (pixels + nc - 1) // nc
+    tiles_n = (wide + nc - 1) // nc
     per_image = groups * tiles_m * tiles_n
-    kc_max = min(CONV_KC, taps)
-    xp = _zero_padded(x, pt, pb, pl, pr)  # (N, C, Hp, Wp)
-    hp, wp = xp.shape[2], xp.shape[3]
     for tile in prange(n_img * per_image):
         n = tile // per_image
         g = tile % per_image // (tiles_m * tiles_n)
         row0 = g * kg + tile % (tiles_m * tiles_n) // tiles_n * mc  # first output channel
         rows = min(mc, (g + 1) * kg - row0)
-        pix0 = tile % tiles_n * nc
-        cols = min(nc, pixels - pix0)
-        bpk = np.zeros(((cols + NR - 1) // NR, kc_max, NR), dtype=x.dtype)  # L2: B block
-        ximg = xp[n].reshape(c_in * hp * wp)
-        tap_offset = _tap_offsets(g * cg, cg, kh, kw, dh, dw, hp, wp)
+        col0 = tile % tiles_n * nc
+        cols = min(nc, wide - col0)
         # the group's last, short block of output channels, zero-padded to MR rows
         edge = row0 + rows - rows % MR
         w_edge = padded_rows(wmat, edge, rows % MR)
-        out_n = outmat[n]  # (K, Ho*Wo)
-        for k0 in range(0, taps, CONV_KC):
-            kc = min(CONV_KC, taps - k0)
-            _gather_patches(ximg, wp, tap_offset, k0, kc, pix0, cols, wo_n, sh, sw, bpk)
-            for r in range(row0, row0 + rows, MR):
-                amat, a_row0 = (wmat, r) if r + MR <= row0 + rows else (w_edge, 0)
-                for c in range(0, cols, NR):
-                    micro_kernel(amat, a_row0, k0, bpk[c // NR], 0, kc, out_n, r, pix0 + c,
-                                 min(MR, row0 + rows - r), min(NR, cols - c), k0 > 0, bias,
-                                 k0 + kc >= taps, relu)
+        for r in range(row0, row0 + rows, MR):
+            amat, a_row0 = (wmat, r) if r + MR <= row0 + rows else (w_edge, 0)
+            for f0 in range(col0, col0 + cols, NR):
+                direct_micro_kernel(amat, a_row0, xs[n], offsets[g], f0, outmat[n], r,
+                                    min(MR, row0 + rows - r), wq, wo_n, ho_n, bias, relu)
 
 
-@register("conv2d", "numba", "tiled", "implicit GEMM: patch panels gathered per L2 block, "
-          "6x32 register-blocked micro-kernel")
+@register("conv2d", "numba", "tiled", "implicit GEMM on the wide grid: 6x32 register-blocked "
+          "micro-kernel reading the padded input in place")
 def conv2d_tiled(x, w, out, p):
     """Stage 4 · tiled.
 
     Changed since `parallel`: convolution becomes an implicit GEMM per image and group,
-    out (Kg, Ho*Wo) = w (Kg, Cg*kH*kW) @ patches (Cg*kH*kW, Ho*Wo), computed by the matmul
-    ``tiled`` micro-kernel: a 6-channel x 32-pixel block of the output lives in registers for a
-    KC = 256-tap reduction. The patch matrix is never materialised: each tile gathers its
-    KC x NC block (256 x 256 x 4 B = 256 KiB float32, in L2) into NR-wide panels right before
-    use, and reuses it for up to MC = 512 output channels. Tiles (image, group, channel block,
-    pixel block) are shared out with ``prange``.
-    Why implicit GEMM rather than register-blocking the direct loops: the GEMM micro-kernel
-    already runs at about 78 % of FP32 peak on one core, and its B panel turns every tap of
-    every stride/dilation/padding case into the same contiguous NR-wide load.
-    Bottleneck removed: output round trips (each output element is written once per 256 taps
-    instead of once per tap) and input re-streaming (a gathered value feeds up to 2 * MC FLOPs).
-    Measured (res3 C128 28x28 K128 3x3 pad 1, batch 1, float32, min of 9, quiet machine):
-    61 GFLOP/s on 1 thread, 93 on 2; the gather alone is about a third of the 1-thread time.
-    Still missing: the gather costs about 1 ns per value, noticeable when Kg is small
-    (64 channels: 128 FLOPs per gathered value); depthwise (Kg = 1) wastes 5 of 6 rows.
+    out (Kg, Ho*Wq) = w (Kg, Cg*kH*kW) @ patches (Cg*kH*kW, Ho*Wq) on the wide grid, and a
+    6-channel x 32-pixel block of the output lives in registers for the whole reduction
+    (:func:`direct_micro_kernel`). On the wide grid a tap's 32 pixels are 32 consecutive
+    values of the padded image, so the micro-kernel reads B in place: no im2col, no packed
+    panels. Tiles (image, group, channel block, pixel block) are shared out with ``prange``.
+    Bottleneck removed: output round trips (each output value is written once, instead of
+    loaded and stored once per tap) and input re-loading (each input value loaded from L1
+    feeds MR = 6 FMAs, each weight NR = 32).
+    Still missing: junk columns cost Wq/Wo - 1 of extra FMAs (7 % at res3, 29 % at 7x7); B
+    loads are unaligned and hop across C*kH*kW rows of the image instead of one packed
+    stream; float64 needs 48 ymm accumulators (it spills).
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
     _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,

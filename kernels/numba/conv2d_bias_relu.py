@@ -24,12 +24,14 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
 
     Changed since `tiled` (conv2d/numba/tiled followed by separate bias and ReLU passes): the
     same implicit-GEMM engine (:func:`fastops.kernels.numba.conv2d.conv_gemm`), but when the
-    micro-kernel writes the last K block of its 6 x 32 output tile it adds the bias and applies
-    ReLU (NaN stays NaN, as ``numpy.maximum``) on values still in registers.
+    micro-kernel stores its 6 x 32 output block, once, at the end of the reduction, it adds
+    the bias and applies ReLU (NaN stays NaN, as ``numpy.maximum``) on values still in
+    registers. Depthwise-like groups (fewer than 6 output channels each) take the
+    plane-by-plane path, with the same epilogue in its store.
     Bottleneck removed: two extra sweeps over the output in memory (read + write each), which
     cost as much as a small conv layer's arithmetic when the output does not fit in cache.
-    Still missing: everything `tiled` lacks (see conv2d.py): the patch gather and the wasted
-    rows for depthwise convolutions.
+    Still missing: everything `tiled` lacks (see conv2d.py): junk columns of the wide grid,
+    unaligned B loads from many image rows.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  bias: (K,)  out: (N, K, Ho, Wo)
     _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
