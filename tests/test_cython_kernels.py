@@ -187,6 +187,28 @@ def test_conv_every_stage(case, dtype, rng):
         check_conv(impl.kernel, x, w, stride, padding, dilation, groups, bias, what=impl.name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_depthwise_register_path_every_width(dtype, rng):
+    """The direct depthwise kernel (depthwise.h) works on blocks of 1-4 vectors of output
+    columns with a masked last store: sweep the output width across every block shape, with
+    vertical stride, dilation, asymmetric ("same" with even reach) padding, a channel
+    multiplier of 2 and the fused epilogue."""
+    fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
+    lanes = 64 // np.dtype(dtype).itemsize
+    for wo in sorted({1, 2, lanes - 1, lanes, lanes + 1, 3 * lanes, 4 * lanes - 1, 4 * lanes,
+                      4 * lanes + 1, 7 * lanes + 3}):
+        x = rng.standard_normal((2, 3, 5, wo)).astype(dtype)
+        w = rng.standard_normal((6, 1, 3, 3)).astype(dtype)
+        bias = rng.standard_normal(6).astype(dtype)
+        check_conv(cv.conv2d_tiled, x, w, 1, 1, 1, 3, what=f"dw width {wo}")
+        x_wide = rng.standard_normal((2, 3, 5, wo + 4)).astype(dtype)  # Wo = wo here too
+        check_conv(cv.conv2d_tiled, x_wide, w, (2, 1), (2, 1), (2, 3), 3,
+                   what=f"dw width {wo} strided/dilated")
+        check_conv(cv.conv2d_tiled, x, w, 1, "same", (1, 2), 3,
+                   what=f"dw width {wo} asymmetric 'same' padding")
+        check_conv(fused, x, w, 1, 1, 1, 3, bias, what=f"dw width {wo} fused")
+
+
 def test_conv_asymmetric_padding_params(rng):
     from fastops.validation import ConvParams
 
