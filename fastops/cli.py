@@ -113,7 +113,7 @@ class _Progress:
         return self.bar.__exit__(*exc)
 
 
-def cmd_bench(parser, args) -> int:
+def cmd_bench(parser, args, argv=None) -> int:
     from rich.console import Console
 
     from . import backends, registry
@@ -152,7 +152,8 @@ def cmd_bench(parser, args) -> int:
     info = machine.machine_info(with_torch=with_torch)
     info["peaks"] = peaks
     data = report.build(entries, settings, info, runner.skipped_notes(entries),
-                        backends.unavailable(), argv=["fastops"] + sys.argv[1:])
+                        backends.unavailable(),
+                        argv=["fastops"] + list(sys.argv[1:] if argv is None else argv))
     data["wall_s"] = round(time.perf_counter() - started, 1)
     data["load_avg"] = {"start": load_start, "end": _loadavg()}
     if args.compare:
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
-        return cmd_bench(parser, args)
+        return cmd_bench(parser, args, argv)
     return cmd_info(args)
 
 
