@@ -8,9 +8,9 @@ What this shows:
    one ``conv2d_bias_relu`` kernel, pre-transposes the classifier's weight and packs weights
    once; ``fastops.tune`` times the candidate kernels per layer shape and caches the winners.
 3. The output is compared with PyTorch eval mode (max abs error, float32), then end-to-end
-   latency is measured against PyTorch eager with 2 threads, interleaved in blocks (each block
-   starts with an untimed call, because switching between two OpenMP thread pools costs a
-   scheduler tick on a 2-core machine), reporting medians.
+   latency is measured against PyTorch eager with 2 threads (and against the same graph on the
+   untuned default kernels), interleaved in blocks (each block starts with an untimed call,
+   because switching thread pools costs a scheduler tick on a 2-core machine), medians.
 
     python examples/resnet18.py            # batch 1 and 8, 10 rounds
     python examples/resnet18.py --quick    # batch 1 only, 3 rounds (a smoke test)
@@ -52,8 +52,6 @@ def main(argv=None):
         import torch
     except ImportError:
         sys.exit("examples/resnet18.py needs torch (pip install 'fastops[bench]')")
-    import numpy as np
-
     import fastops
     import fastops.nn as fnn
     from fastops import tuning
@@ -92,26 +90,33 @@ def main(argv=None):
               f"{'OK' if ok else 'TOO LARGE'}: bound 1e-4 x scale)")
         print("  kernels: " + ", ".join(f"{n} x{c}" for n, c in sorted(used.items())))
 
-        torch_times, fast_times = [], []
+        contenders = {"fastops": graph, "PyTorch eager": model}
+        if not args.quick and not args.no_tune:
+            # the same graph with every layer on the untuned default kernel: what tuning buys
+            untuned = fnn.from_torch(model, backend=args.backend, autotune=False)
+            untuned.prepare(x, tune=False)
+            contenders = {"fastops": graph, "fastops untuned": untuned, "PyTorch eager": model}
+        times = {name: [] for name in contenders}
         with torch.no_grad():
             for _ in range(rounds):
-                model(x)  # untimed: switch to torch's thread pool
-                torch_times += timed(model, x, args.reps)
-                graph(x)  # untimed: switch to fastops' kernels' pool
-                fast_times += timed(graph, x, args.reps)
-        t_med, f_med = statistics.median(torch_times), statistics.median(fast_times)
-        rows.append((batch, f_med, min(fast_times), t_med, min(torch_times), err))
-        print(f"  fastops {f_med * 1e3:8.2f} ms (min {min(fast_times) * 1e3:.2f})   "
-              f"PyTorch eager {t_med * 1e3:8.2f} ms (min {min(torch_times) * 1e3:.2f})   "
-              f"fastops/PyTorch = {f_med / t_med:.2f}x")
+                for name, fn in contenders.items():
+                    fn(x)  # untimed: a switch of thread pool / cache contents
+                    times[name] += timed(fn, x, args.reps)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        base = med["PyTorch eager"]
+        for name, t in times.items():
+            print(f"  {name:16s} {med[name] * 1e3:8.2f} ms median (min {min(t) * 1e3:.2f}, "
+                  f"{len(t)} runs)  {med[name] / base:.2f}x PyTorch")
+        rows.append((batch, med["fastops"], med.get("fastops untuned"), base, err))
         if not ok:
             raise SystemExit(f"batch {batch}: output differs from PyTorch by {err:.3g}")
 
-    print("\n| batch | fastops median ms | PyTorch median ms | ratio | max abs err |")
-    print("|---:|---:|---:|---:|---:|")
-    for batch, f_med, _f_min, t_med, _t_min, err in rows:
-        print(f"| {batch} | {f_med * 1e3:.2f} | {t_med * 1e3:.2f} | {f_med / t_med:.2f}x "
-              f"| {err:.2g} |")
+    print("\n| batch | fastops ms | untuned ms | PyTorch eager ms | fastops/PyTorch | max abs err |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch, f_med, u_med, t_med, err in rows:
+        untuned_ms = "-" if u_med is None else f"{u_med * 1e3:.2f}"
+        print(f"| {batch} | {f_med * 1e3:.2f} | {untuned_ms} | {t_med * 1e3:.2f} | "
+              f"{f_med / t_med:.2f}x | {err:.2g} |")
     return rows
 
 
