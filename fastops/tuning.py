@@ -230,6 +230,7 @@ def tune_problem(op: str, device: str, dtype, backend: str | None, plan, *, meas
 
         measure = measure or measure_with(sync=cupy.cuda.Device().synchronize)
     measure = measure or measure_with()
+    load = _busy_warning()
     flops = _flops(op, plan)
     cands = candidates(op, device, dtype, backend, flops)
     by_label = dict(cands)
@@ -245,12 +246,32 @@ def tune_problem(op: str, device: str, dtype, backend: str | None, plan, *, meas
     entry = {"backend": impl.backend, "stage": impl.stage,
              "variant": _variant_of(winner), "default": cands[0][0],
              "medians_s": medians, "candidates": sorted(by_label), "gflops": flops / 1e9,
-             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+             "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "loadavg": load}
     _store({key: entry})
     session = _session.get()
     if session is not None:
         session[key] = winner
     return impl
+
+
+_warned_busy = False
+
+
+def _busy_warning():
+    """The 1-minute load average; warn once per process if other work fills the cores, since
+    then multi-threaded kernels stall on descheduled threads and single-threaded ones win
+    timings they would lose on a quiet machine (re-tune later with ``retune=True``)."""
+    global _warned_busy
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on Windows
+        return None
+    if load > (os.cpu_count() or 1) and not _warned_busy:
+        _warned_busy = True
+        warnings.warn(f"fastops tuning: the machine is busy (load average {load:.1f} on "
+                      f"{os.cpu_count()} CPUs); timings and the chosen kernels may not hold on "
+                      "a quiet machine", RuntimeWarning, stacklevel=4)
+    return round(load, 2)
 
 
 def _variant_of(label: str):

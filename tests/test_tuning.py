@@ -19,6 +19,7 @@ from fastops.validation import check_conv2d
 def private_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTOPS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTOPS_AUTOTUNE", "1")
+    monkeypatch.setattr("fastops.tuning._warned_busy", True)  # no "machine busy" warning
     return tmp_path / "cache"
 
 
