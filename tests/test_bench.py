@@ -236,3 +236,20 @@ def test_ladder_tables_and_readme_update(tiny_run, tmp_path):
     assert "**matmul**" in text and "numpy · blas" in text
     readme.write_text("no markers here\n")
     assert mod.main([str(report_path), "--readme", str(readme)]) == 1
+
+
+def test_broken_kernels_are_reported_not_timed():
+    case = shapes.cases("matmul", "tiny")[0]
+
+    def boom(a, b, out):
+        raise RuntimeError("boom")
+
+    def lazy(a, b, out):
+        out[1:] = 0  # leaves row 0 untouched: must not pass as a (fast) result
+
+    entries = [runner.Entry(case, "fake", name, "",
+                            impl=registry.Implementation("matmul", "fake", name, "", kernel))
+               for name, kernel in (("boom", boom), ("lazy", lazy))]
+    runner.run_entries(entries, runner.Settings.for_mode("tiny"))
+    assert entries[0].status == "error" and "boom" in entries[0].reason
+    assert entries[1].status == "wrong" and "check failed" in entries[1].reason
