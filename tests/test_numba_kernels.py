@@ -155,8 +155,7 @@ def test_conv_micro_kernel_keeps_accumulators_in_registers():
 
 def test_vectorized_conv_plane_emits_packed_fma():
     f32, f1, i64 = numba.float32[:, ::1], numba.float32[::1], numba.int64
-    signature = (f1, f32, i64, numba.int64[::1], f1, f1, i64, i64, i64, numba.float64,
-                 numba.boolean)
+    signature = (f1, f32, i64, numba.int64[::1], f1, f1, i64, i64, i64, f1, numba.boolean)
     asm = _asm(nconv.conv_plane.py_func, signature, fastmath=_common.FASTMATH)
     assert PACKED_FMA.search(asm), "expected vfmadd...ps on ymm/zmm registers"
 

@@ -102,12 +102,20 @@ def _split_plane(x, n, c, sh, sw, pt, pl, hq, wq, xs):
                     for q in range(wq):
                         xs[n, row + q] = 0.0
                     continue
+                dst = xs[n, row:row + wq]  # views: nonnegative indices, vectorised copies
+                src = x[n, c, ih]
                 for q in range(q_lo):
-                    xs[n, row + q] = 0.0
-                for q in range(q_lo, q_hi):
-                    xs[n, row + q] = x[n, c, ih, q * sw + b - pl]
+                    dst[q] = 0.0
+                if sw == 1:  # a contiguous copy (the common case)
+                    dst_mid = dst[q_lo:q_hi]
+                    src_mid = src[q_lo + b - pl:]
+                    for q in range(dst_mid.shape[0]):
+                        dst_mid[q] = src_mid[q]
+                else:
+                    for q in range(q_lo, q_hi):
+                        dst[q] = src[q * sw + b - pl]
                 for q in range(q_hi, wq):
-                    xs[n, row + q] = 0.0
+                    dst[q] = 0.0
 
 
 @jit()
@@ -136,29 +144,27 @@ def store_wide(acc, out_plane, f0, count, wq, wo_n, ho_n, bias_value, relu):
     that are real output pixels (wo < Wo, ho < Ho); junk columns and rows are dropped.
 
     acc: (>= count,) accumulators on the wide grid; out_plane: (Ho*Wo,) one output channel.
-    The epilogue adds ``bias_value`` and, with ``relu``, applies max(., 0) keeping NaN (as
-    numpy.maximum). One division per call, then one short copy per output row touched.
+    The epilogue adds ``bias_value`` (of the arrays' dtype, so float32 stays float32) and,
+    with ``relu``, applies max(., 0) keeping NaN (as numpy.maximum). One division per call,
+    then one branch-free copy loop per output row touched (views, so every index is a
+    nonnegative loop counter and LLVM vectorises the loop).
     """
     ho = f0 // wq
     wo = f0 - ho * wq
     j = 0
     while j < count and ho < ho_n:
         run = min(count - j, wq - wo)  # wide pixels left in this row
-        dst = ho * wo_n + wo
-        for t in range(max(0, min(run, wo_n - wo))):
-            v = acc[j + t] + bias_value
-            if relu and not (v > 0.0 or v != v):
-                v = 0.0
-            out_plane[dst + t] = v
+        if wo < wo_n:
+            src = acc[j:j + min(run, wo_n - wo)]
+            dst = out_plane[ho * wo_n + wo:]
+            for t in range(src.shape[0]):
+                v = src[t] + bias_value
+                dst[t] = v
+                if relu and not (v > 0 or v != v):
+                    dst[t] = 0
         j += run
         ho += 1
         wo = 0
-
-
-@jit()
-def bias_at(bias, k):
-    """bias[k], or 0 when there is no bias (an empty array)."""
-    return bias[k] if bias.shape[0] > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------- stage 1
@@ -204,11 +210,13 @@ def conv2d_naive(x, w, out, p):
 
 # ---------------------------------------------------------------------------------- stage 2
 @jit(fastmath=FASTMATH)
-def conv_plane(ximg, wmat, k, offsets, acc, out_plane, wq, wo_n, ho_n, bias_value, relu):
+def conv_plane(ximg, wmat, k, offsets, acc, out_plane, wq, wo_n, ho_n, bias, relu):
     """out_plane (Ho*Wo,) = epilogue(sum over taps t of wmat[k, t] * ximg[offsets[t] + f]).
 
     ximg: (L,) one phase-split image; wmat: (K, Cg*kH*kW) weights; offsets: (Cg*kH*kW,) this
-    group's tap offsets; acc: (Ho*Wq,) scratch, the output plane on the wide grid.
+    group's tap offsets; acc: (Ho*Wq,) scratch, the output plane on the wide grid;
+    bias: (K,) added to the plane in the store (zeros for a plain conv), relu: see
+    :func:`store_wide`.
     Loop order taps, then pixels: every tap is one axpy over the whole wide plane (840 values
     at res3, 3248 at res2), contiguous in acc and ximg with independent iterations, so the
     vector loop runs full width and its scalar remainder is negligible. The plane (13 KiB
@@ -222,7 +230,7 @@ def conv_plane(ximg, wmat, k, offsets, acc, out_plane, wq, wo_n, ho_n, bias_valu
         src = ximg[offsets[t]:]  # a view starting at the tap: x index = f, nonnegative
         for f in range(wide):
             acc[f] += wv * src[f]
-    store_wide(acc, out_plane, 0, wide, wq, wo_n, ho_n, bias_value, relu)
+    store_wide(acc, out_plane, 0, wide, wq, wo_n, ho_n, bias[k], relu)
 
 
 @jit(fastmath=FASTMATH)
@@ -239,11 +247,12 @@ def _conv_vectorized(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups):
     wmat = w.reshape(k_out, cg * kh * kw)
     planes = out.reshape(n_img, k_out, ho_n * wo_n)
     acc = np.empty(ho_n * wq, dtype=out.dtype)  # (Ho*Wq,) one wide output plane
+    no_bias = np.zeros(k_out, dtype=out.dtype)
     kg = k_out // groups
     for n in range(n_img):
         for k in range(k_out):
             conv_plane(xs[n], wmat, k, offsets[k // kg], acc, planes[n, k], wq, wo_n, ho_n,
-                       0.0, False)
+                       no_bias, False)
 
 
 @register("conv2d", "numba", "vectorized", "padded wide-grid copy, then one contiguous SIMD "
@@ -286,7 +295,7 @@ def split_parallel(x, sh, sw, pt, pb, pl, pr, kw, dw):
 @jit(fastmath=FASTMATH, parallel=True)
 def conv_planes_parallel(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias, relu):
     """Every (image, output channel) plane by :func:`conv_plane`, planes shared out with
-    ``prange``; bias: (K,) or empty, relu: see :func:`store_wide`."""
+    ``prange``; bias: (K,) (zeros for a plain conv), relu: see :func:`store_wide`."""
     n_img = x.shape[0]
     k_out, cg, kh, kw = w.shape
     ho_n, wo_n = out.shape[2], out.shape[3]
@@ -298,8 +307,8 @@ def conv_planes_parallel(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias
     for plane in prange(n_img * k_out):  # (image, output channel) planes are independent
         n, k = plane // k_out, plane % k_out
         acc = np.empty(ho_n * wq, dtype=out.dtype)  # per-plane scratch, 3-13 KiB: L1
-        conv_plane(xs[n], wmat, k, offsets[k // kg], acc, planes[n, k], wq, wo_n, ho_n,
-                   bias_at(bias, k), relu)
+        conv_plane(xs[n], wmat, k, offsets[k // kg], acc, planes[n, k], wq, wo_n, ho_n, bias,
+                   relu)
 
 
 _conv_planes_safe = serialised(conv_planes_parallel)
@@ -319,7 +328,7 @@ def conv2d_parallel(x, w, out, p):
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
     _conv_planes_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
-                      p.pad_right, p.dil_h, p.dil_w, p.groups, np.empty(0, dtype=out.dtype),
+                      p.pad_right, p.dil_h, p.dil_w, p.groups, np.zeros(w.shape[0], dtype=out.dtype),
                       False)
 
 
@@ -341,7 +350,7 @@ def direct_micro_kernel(amat, a_row0, ximg, offsets, f0, out_n, row0, rows, wq, 
 
     amat: (>= a_row0 + MR, taps) weights, row-major, read in place (MR sequential streams);
     ximg: (L,) one phase-split image; offsets: (taps,) this group's tap offsets;
-    out_n: (K, Ho*Wo) one image's output planes; bias: (K,) or empty; rows <= MR.
+    out_n: (K, Ho*Wo) one image's output planes; bias: (K,); rows <= MR.
     The MR x NR = 6 x 32 accumulators stay in registers for the *whole* reduction (no KC
     split: nothing is packed, so there is no block to size), then each output value is
     written exactly once, bias and ReLU applied on the way (:func:`store_wide`).
@@ -371,33 +380,33 @@ def direct_micro_kernel(amat, a_row0, ximg, offsets, f0, out_n, row0, rows, wq, 
         a3 = amat[a_row0 + 3, p]
         a4 = amat[a_row0 + 4, p]
         a5 = amat[a_row0 + 5, p]
-        brow = xpanel[offsets[p]:]  # a view, so that the index below is a nonnegative j
+        base = np.uint64(offsets[p])  # unsigned: no negative-index wraparound test per load
         for j in range(NR):
-            bj = brow[j]
+            bj = xpanel[base + np.uint64(j)]
             c0[j] += a0 * bj
             c1[j] += a1 * bj
             c2[j] += a2 * bj
             c3[j] += a3 * bj
             c4[j] += a4 * bj
             c5[j] += a5 * bj
-    store_wide(c0, out_n[row0], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0), relu)
+    store_wide(c0, out_n[row0], f0, NR, wq, wo_n, ho_n, bias[row0], relu)
     if rows > 1:
-        store_wide(c1, out_n[row0 + 1], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 1), relu)
+        store_wide(c1, out_n[row0 + 1], f0, NR, wq, wo_n, ho_n, bias[row0 + 1], relu)
     if rows > 2:
-        store_wide(c2, out_n[row0 + 2], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 2), relu)
+        store_wide(c2, out_n[row0 + 2], f0, NR, wq, wo_n, ho_n, bias[row0 + 2], relu)
     if rows > 3:
-        store_wide(c3, out_n[row0 + 3], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 3), relu)
+        store_wide(c3, out_n[row0 + 3], f0, NR, wq, wo_n, ho_n, bias[row0 + 3], relu)
     if rows > 4:
-        store_wide(c4, out_n[row0 + 4], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 4), relu)
+        store_wide(c4, out_n[row0 + 4], f0, NR, wq, wo_n, ho_n, bias[row0 + 4], relu)
     if rows > 5:
-        store_wide(c5, out_n[row0 + 5], f0, NR, wq, wo_n, ho_n, bias_at(bias, row0 + 5), relu)
+        store_wide(c5, out_n[row0 + 5], f0, NR, wq, wo_n, ho_n, bias[row0 + 5], relu)
 
 
 @jit(fastmath=FASTMATH, parallel=True)
 def conv_gemm(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias, relu, threads):
     """out[n, g*Kg:(g+1)*Kg] = epilogue(W_g @ patches_g(x[n])) for every image n and group g.
 
-    x: (N, C, H, W); w: (K, Cg, kH, kW); out: (N, K, Ho, Wo); bias: (K,) or empty (none);
+    x: (N, C, H, W); w: (K, Cg, kH, kW); out: (N, K, Ho, Wo); bias: (K,) (zeros: none);
     relu: apply max(., 0) (NaN kept) in the epilogue. The shared engine of conv2d ``tiled``
     and conv2d_bias_relu ``fused``. Groups with fewer than MR output channels (depthwise:
     Kg = 1) would leave most micro-kernel rows idle, and their convolution is memory bound
@@ -456,8 +465,8 @@ def conv2d_tiled(x, w, out, p):
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
     _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
-                    p.pad_right, p.dil_h, p.dil_w, p.groups, np.empty(0, dtype=out.dtype), False,
-                    get_num_threads())
+                    p.pad_right, p.dil_h, p.dil_w, p.groups, np.zeros(w.shape[0], dtype=out.dtype),
+                    False, get_num_threads())
 
 
 _conv_gemm_safe = serialised(conv_gemm)
