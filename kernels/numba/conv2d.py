@@ -41,7 +41,7 @@ from numba import get_num_threads, prange
 from fastops.registry import register
 
 from ._common import FASTMATH, jit, serialised, stack_vector
-from .matmul import MR, NR, padded_rows, tile_grid
+from .matmul import MR, NR
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -334,12 +334,37 @@ def conv2d_parallel(x, w, out, p):
 
 # ---------------------------------------------------------------------------------- stage 4
 # Tiles of the implicit GEMM on the wide grid (per image and group: M = Kg output channels,
-# N = Ho*Wq wide pixels, K = Cg*kH*kW taps). A thread owns an mc x nc tile and walks it row
-# block by row block: the MR x taps weights of one row block (res3: 6 x 1152 x 4 B = 27 KiB)
-# stay in L1 while the tile's nc/NR pixel panels pass by, and the input those panels read
-# (res3: 128 channels x (256 + 62) x 4 B = 160 KiB) stays in L2 for all mc/MR row blocks.
+# N = Ho*Wq wide pixels, K = Cg*kH*kW taps). A thread owns a tile of at most CONV_MC x
+# CONV_NC outputs and walks it MR-row block by MR-row block: the MR x taps weights of one
+# block (res3: 6 x 1152 x 4 B = 27 KiB) stay in L1 while the tile's pixel panels pass by,
+# and the input those panels read (res3: 128 channels x (256 + 62) x 4 B = 160 KiB) stays in
+# L2 for all the tile's row blocks.
 CONV_MC = 96
 CONV_NC = 256
+
+
+@jit()
+def balanced_grid(blocks, panels, outer, threads):
+    """(tm, tn): split ``blocks`` MR-row blocks into tm parts and ``panels`` NR-pixel panels
+    into tn parts, for ``outer`` (images x groups) independent GEMMs on ``threads`` threads.
+
+    Starts from tiles of at most CONV_MC x CONV_NC and splits further (the dimension with
+    more units per part first) until there are at least two tiles per thread and their count
+    is a multiple of the thread count. Parts differ by at most one unit, and prange hands
+    each thread an equal, contiguous run of tiles, so the threads get equal work: with the
+    matmul's (mc, nc) rounding, res3 (128 channels) split 96 + 32 rows, 3 : 1 between the two
+    threads.
+    """
+    tm = min(blocks, (blocks * MR + CONV_MC - 1) // CONV_MC)
+    tn = min(panels, (panels * NR + CONV_NC - 1) // CONV_NC)
+    while outer * tm * tn < 2 * threads or (outer * tm * tn) % threads != 0:
+        if tn < panels and (panels / tn >= blocks / tm or tm == blocks):
+            tn += 1
+        elif tm < blocks:
+            tm += 1
+        else:
+            break
+    return tm, tn
 
 
 @jit(fastmath=FASTMATH)
@@ -424,25 +449,29 @@ def conv_gemm(x, w, out, sh, sw, pt, pb, pl, pr, dh, dw, groups, bias, relu, thr
     wmat = w.reshape(k_out, cg * kh * kw)  # A of every group's GEMM, read in place
     outmat = out.reshape(n_img, k_out, ho_n * wo_n)
     wide = ho_n * wq  # GEMM columns: pixels of the wide grid
-    mc, nc = tile_grid(kg, wide, CONV_MC, CONV_NC, 2 * threads)
-    tiles_m = (kg + mc - 1) // mc
-    tiles_n = (wide + nc - 1) // nc
-    per_image = groups * tiles_m * tiles_n
+    taps = cg * kh * kw
+    blocks = (kg + MR - 1) // MR  # MR-row blocks per group
+    panels = (wide + NR - 1) // NR
+    # each group's last, short row block (when MR does not divide Kg), zero-padded to MR rows
+    w_edge = np.zeros((groups, MR, taps), dtype=w.dtype)
+    short = kg % MR
+    for g in range(groups):
+        for i in range(short):
+            for t in range(taps):
+                w_edge[g, i, t] = wmat[(g + 1) * kg - short + i, t]
+    tm, tn = balanced_grid(blocks, panels, n_img * groups, threads)
+    per_image = groups * tm * tn
     for tile in prange(n_img * per_image):
         n = tile // per_image
-        g = tile % per_image // (tiles_m * tiles_n)
-        row0 = g * kg + tile % (tiles_m * tiles_n) // tiles_n * mc  # first output channel
-        rows = min(mc, (g + 1) * kg - row0)
-        col0 = tile % tiles_n * nc
-        cols = min(nc, wide - col0)
-        # the group's last, short block of output channels, zero-padded to MR rows
-        edge = row0 + rows - rows % MR
-        w_edge = padded_rows(wmat, edge, rows % MR)
-        for r in range(row0, row0 + rows, MR):
-            amat, a_row0 = (wmat, r) if r + MR <= row0 + rows else (w_edge, 0)
-            for f0 in range(col0, col0 + cols, NR):
-                direct_micro_kernel(amat, a_row0, xs[n], offsets[g], f0, outmat[n], r,
-                                    min(MR, row0 + rows - r), wq, wo_n, ho_n, bias, relu)
+        g = tile % per_image // (tm * tn)
+        part_m, part_n = tile % (tm * tn) // tn, tile % tn
+        for block in range(part_m * blocks // tm, (part_m + 1) * blocks // tm):
+            r = g * kg + block * MR  # first output channel of the block
+            rows = min(MR, (g + 1) * kg - r)
+            amat, a_row0 = (wmat, r) if rows == MR else (w_edge[g], 0)
+            for panel in range(part_n * panels // tn, (part_n + 1) * panels // tn):
+                direct_micro_kernel(amat, a_row0, xs[n], offsets[g], panel * NR, outmat[n], r,
+                                    rows, wq, wo_n, ho_n, bias, relu)
 
 
 @register("conv2d", "numba", "tiled", "implicit GEMM on the wide grid: 6x32 register-blocked "
