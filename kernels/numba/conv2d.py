@@ -29,9 +29,22 @@ Calling convention (fastops.registry): ``kernel(x, w, out, p)`` with x (N, C, H,
 w (K, C/groups, kH, kW), out (N, K, Ho, Wo), p a ConvParams. No bias: the API adds it (the
 fused bias + ReLU stage lives in conv2d_bias_relu.py and reuses :func:`conv_gemm` below).
 
-Numbers quoted in the docstrings were measured on this 2-core AVX-512 machine while other
-jobs shared it: the script ran the candidates interleaved in one process, 15-40 repeats
-each, and quotes median and min (res3 = C128 28x28 -> K128, 3x3, pad 1, batch 1, float32).
+Measured at res3 (C128 28x28 -> K128, 3x3, pad 1, batch 1, float32), median ms on this
+2-core AVX-512 machine while other jobs shared it; the stages and ``torch.nn.functional
+.conv2d`` ran interleaved in one process (4-6 rounds, one untimed call after each switch,
+10 timed calls per round for tiled and torch, 1-5 for the slow stages), same thread count
+for both:
+
+=========  ==========  ============  ==========  ===========  ============
+threads    naive       vectorized    parallel    tiled        torch eager
+=========  ==========  ============  ==========  ===========  ============
+1          189 (1.2)   6.6 (35)      6.6 (35)    2.54 (91)    2.06 (112)
+2          197-203     6.8 (34)      4.2-4.6     1.46-1.68    1.18-1.44
+                                     (50-55)     (138-158)    (161-197)
+=========  ==========  ============  ==========  ===========  ============
+
+(GFLOP/s in parentheses.) Each stage is faster than the one before; ``parallel`` gained
+1.5-1.9x (by min 1.8-1.9x) on 2 cores shared with other jobs (load average 4-6).
 """
 from __future__ import annotations
 
@@ -200,7 +213,7 @@ def conv2d_naive(x, w, out, p):
     zero padding: one output at a time, one serial sum each.
     Bottleneck: the sum is a chain of dependent adds (no SIMD without reassociation), and the
     innermost loops walk kW, kH and C, which hop across the input (row and channel strides).
-    Measured at res3: 180-190 ms, about 1.2 GFLOP/s.
+    Measured at res3: 189-203 ms, 1.1-1.2 GFLOP/s (module docstring).
     Still missing: SIMD, threads, reuse of inputs and weights in registers.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
@@ -267,9 +280,12 @@ def conv2d_vectorized(x, w, out, p):
     both arrays, branch-free, with independent iterations, and fast-math lets LLVM emit
     packed FMAs. Junk columns are dropped when the plane is stored.
     Bottleneck removed: scalar, branchy arithmetic. An earlier version of this stage ran the
-    axpy along each output row with per-tap valid ranges instead of a padded copy: at res3
-    the rows are 28 wide, shorter than LLVM's unrolled vector loop (4 x 8 floats), so nearly
-    every FMA ran in the scalar remainder: 90-96 ms (2.5 GFLOP/s), against 25-27 ms here.
+    axpy along each output row (28 values at res3) with per-tap valid ranges instead of a
+    padded copy; its assembly had only scalar FMAs (``vfmadd213ss``). Likely cause: its input
+    index ``wo + j*dw - pl`` may be negative as far as LLVM can tell, so every load carried
+    Numba's negative-index wraparound select. It took 96-148 ms (1.6-2.4 GFLOP/s) in runs
+    beside this version, which takes 6.6-6.8 ms (34-35 GFLOP/s, one thread), 28x naive: here
+    every index in the inner loop is a nonnegative loop counter on a view.
     Still missing: one core only; each tap re-reads and re-writes the whole output plane (an
     L1 load and store per FMA), and each input value loaded feeds one FMA.
     """
@@ -322,7 +338,9 @@ def conv2d_parallel(x, w, out, p):
     ``prange`` loops, so each core computes whole output planes with the same SIMD axpy.
     A plane is a big enough unit (res3: 1152 taps x 840 pixels, about 1 M FMAs) that the
     threads' start-up and the uneven last planes are noise.
-    Bottleneck removed: one idle core.
+    Bottleneck removed: one idle core. Measured at res3 on 2 threads: 4.2-4.6 ms median
+    (3.5-3.7 min), against 6.8 ms for `vectorized` in the same runs: 1.5-1.9x, short of 2x
+    because other jobs held part of the second core.
     Still missing: register reuse. Every FMA still loads and stores its output element, and
     every input plane is streamed once per output channel (K times).
     """
@@ -488,9 +506,17 @@ def conv2d_tiled(x, w, out, p):
     Bottleneck removed: output round trips (each output value is written once, instead of
     loaded and stored once per tap) and input re-loading (each input value loaded from L1
     feeds MR = 6 FMAs, each weight NR = 32).
-    Still missing: junk columns cost Wq/Wo - 1 of extra FMAs (7 % at res3, 29 % at 7x7); B
-    loads are unaligned and hop across C*kH*kW rows of the image instead of one packed
-    stream; float64 needs 48 ymm accumulators (it spills).
+    Measured at res3: 2.54 ms on 1 thread (91 GFLOP/s; torch 2.06 ms, 0.81x), 1.46-1.68 ms
+    median on 2 (138-158 GFLOP/s, 0.80-0.86x torch eager), 2.6-2.9x `parallel`. The
+    micro-kernel alone, timed over the same image with no edges and no epilogue, runs at
+    117 GFLOP/s on one thread (about 80 % of FP32 FMA peak), whatever its shape (6x32, 8x32,
+    4x64, 6x48, 12x16 measured within 1 %); the remaining 1-thread gap is junk columns,
+    padded edge tiles, the padding copy and the stores. An earlier version gathered patch
+    panels (KC = 256 taps x 256 pixels, runs along output rows) and ran the matmul
+    micro-kernel on them: 3.7-3.9 ms on 1 thread, the gather a third of it.
+    Still missing: junk columns cost Wq/Wo - 1 of extra FMAs (7 % at res3, 29 % at 7x7,
+    though there the last 32-pixel panel is padded anyway); B loads are unaligned and hop
+    across C*kH*kW rows of the image instead of one packed stream.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
     _conv_gemm_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,

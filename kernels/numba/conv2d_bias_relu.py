@@ -30,6 +30,23 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     plane-by-plane path, with the same epilogue in its store.
     Bottleneck removed: two extra sweeps over the output in memory (read + write each), which
     cost as much as a small conv layer's arithmetic when the output does not fit in cache.
+    Measured (batch 1, float32, 3x3 pad 1, interleaved with ``torch.relu(F.conv2d(x, w, b))``
+    in one process, 8 rounds x 10 calls, median ms, same thread count for both):
+
+    ==========================  ===========  ===========  =================
+    layer                       this, 2 thr  torch eager  torch / this
+    ==========================  ===========  ===========  =================
+    res2 C64 56x56 K64          1.39         1.92         1.38 (min 1.05)
+    res3 C128 28x28 K128        1.30         1.09         0.84
+    res4 C256 14x14 K256        1.37         1.09         0.80
+    res5 C512 7x7 K512          1.45         1.28         0.88
+    depthwise C128 56x56        0.21         0.19         0.93
+    ==========================  ===========  ===========  =================
+
+    On another run where other jobs left about one core (both libraries near their 1-thread
+    speed), the ratios were 0.84-0.98. The implicit-GEMM engine it replaced (gathered patch
+    panels, matmul micro-kernel, depthwise through 6-row tiles) measured 0.38-0.70 of torch
+    in runs beside this one, and 0.02-0.07 on the depthwise layer.
     Still missing: everything `tiled` lacks (see conv2d.py): junk columns of the wide grid,
     unaligned B loads from many image rows.
     """
