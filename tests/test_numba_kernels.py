@@ -94,6 +94,18 @@ def test_conv_stages_and_fused(case, dtype, rng):
                  dtype, f"fused case {case}")
 
 
+@pytest.mark.parametrize("blocks,panels", [(22, 27), (43, 7), (86, 2), (11, 102), (1, 1)])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_balanced_grid_gives_threads_equal_work(blocks, panels, threads):
+    # the ResNet res2..res5 3x3 layers at batch 1: 11..86 row blocks, 2..102 pixel panels
+    tm, tn = nconv.balanced_grid(blocks, panels, 1, threads)
+    assert 1 <= tm <= blocks and 1 <= tn <= panels
+    share = blocks * panels / threads
+    worst = nconv.thread_work(blocks, panels, 1, tm, tn, threads)
+    if blocks * panels >= 4 * threads:
+        assert worst <= 1.15 * share, (tm, tn, worst, share)
+
+
 def test_fused_relu_keeps_nan(rng):
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     x[0, 1, 2, 3] = np.nan

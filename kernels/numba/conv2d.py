@@ -346,8 +346,8 @@ def conv2d_parallel(x, w, out, p):
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
     _conv_planes_safe(x, w, out, p.stride_h, p.stride_w, p.pad_top, p.pad_bottom, p.pad_left,
-                      p.pad_right, p.dil_h, p.dil_w, p.groups, np.zeros(w.shape[0], dtype=out.dtype),
-                      False)
+                      p.pad_right, p.dil_h, p.dil_w, p.groups,
+                      np.zeros(w.shape[0], dtype=out.dtype), False)
 
 
 # ---------------------------------------------------------------------------------- stage 4
@@ -362,27 +362,44 @@ CONV_NC = 256
 
 
 @jit()
-def balanced_grid(blocks, panels, outer, threads):
-    """(tm, tn): split ``blocks`` MR-row blocks into tm parts and ``panels`` NR-pixel panels
-    into tn parts, for ``outer`` (images x groups) independent GEMMs on ``threads`` threads.
+def thread_work(blocks, panels, outer, tm, tn, threads):
+    """The most micro-tiles (MR x NR each) one thread computes when ``blocks`` MR-row blocks
+    are cut into tm parts, ``panels`` NR-pixel panels into tn parts, and the outer*tm*tn
+    tiles into ``threads`` equal contiguous runs, which is how ``prange`` schedules."""
+    tiles = outer * tm * tn
+    worst = 0
+    for thread in range(threads):
+        work = 0
+        for tile in range(thread * tiles // threads, (thread + 1) * tiles // threads):
+            part_m, part_n = tile % (tm * tn) // tn, tile % tn
+            work += (((part_m + 1) * blocks // tm - part_m * blocks // tm)
+                     * ((part_n + 1) * panels // tn - part_n * panels // tn))
+        worst = max(worst, work)
+    return worst
 
-    Starts from tiles of at most CONV_MC x CONV_NC and splits further (the dimension with
-    more units per part first) until there are at least two tiles per thread and their count
-    is a multiple of the thread count. Parts differ by at most one unit, and prange hands
-    each thread an equal, contiguous run of tiles, so the threads get equal work: with the
-    matmul's (mc, nc) rounding, res3 (128 channels) split 96 + 32 rows, 3 : 1 between the two
-    threads.
+
+@jit()
+def balanced_grid(blocks, panels, outer, threads):
+    """(tm, tn): how many parts to cut the ``blocks`` MR-row blocks and the ``panels``
+    NR-pixel panels of each of ``outer`` (images x groups) GEMMs into, for ``threads``.
+
+    Starts from tiles of at most CONV_MC x CONV_NC and tries up to 2 * threads more parts in
+    each dimension, keeping the split whose busiest thread has the least work (then the
+    fewest tiles). The matmul's rule, round (mc, nc) down until there are enough tiles, split
+    res3's 128 channels 96 + 32 and gave the two threads work in the ratio 3 : 1.
     """
-    tm = min(blocks, (blocks * MR + CONV_MC - 1) // CONV_MC)
-    tn = min(panels, (panels * NR + CONV_NC - 1) // CONV_NC)
-    while outer * tm * tn < 2 * threads or (outer * tm * tn) % threads != 0:
-        if tn < panels and (panels / tn >= blocks / tm or tm == blocks):
-            tn += 1
-        elif tm < blocks:
-            tm += 1
-        else:
-            break
-    return tm, tn
+    tm0 = min(blocks, (blocks * MR + CONV_MC - 1) // CONV_MC)
+    tn0 = min(panels, (panels * NR + CONV_NC - 1) // CONV_NC)
+    if outer >= 8 * threads:  # many independent GEMMs already share out evenly
+        return tm0, tn0
+    best_tm, best_tn = tm0, tn0
+    best = thread_work(blocks, panels, outer, tm0, tn0, threads)
+    for tm in range(tm0, min(blocks, tm0 + 2 * threads) + 1):
+        for tn in range(tn0, min(panels, tn0 + 2 * threads) + 1):
+            work = thread_work(blocks, panels, outer, tm, tn, threads)
+            if work < best or (work == best and tm * tn < best_tm * best_tn):
+                best, best_tm, best_tn = work, tm, tn
+    return best_tm, best_tn
 
 
 @jit(fastmath=FASTMATH)

@@ -31,22 +31,27 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     Bottleneck removed: two extra sweeps over the output in memory (read + write each), which
     cost as much as a small conv layer's arithmetic when the output does not fit in cache.
     Measured (batch 1, float32, 3x3 pad 1, interleaved with ``torch.relu(F.conv2d(x, w, b))``
-    in one process, 8 rounds x 10 calls, median ms, same thread count for both):
+    in one process, 8 rounds x 10 calls after an untimed one, 2 threads for both; ms are
+    medians of one run, the ratio column spans three runs on different minutes):
 
-    ==========================  ===========  ===========  =================
-    layer                       this, 2 thr  torch eager  torch / this
-    ==========================  ===========  ===========  =================
-    res2 C64 56x56 K64          1.39         1.92         1.38 (min 1.05)
-    res3 C128 28x28 K128        1.30         1.09         0.84
-    res4 C256 14x14 K256        1.37         1.09         0.80
-    res5 C512 7x7 K512          1.45         1.28         0.88
-    depthwise C128 56x56        0.21         0.19         0.93
-    ==========================  ===========  ===========  =================
+    ==========================  =====  ===========  ===================
+    layer                       this   torch eager  torch / this
+    ==========================  =====  ===========  ===================
+    res2 C64 56x56 K64          1.50   1.42         0.95-1.38
+    res3 C128 28x28 K128        1.57   1.23         0.78-0.84
+    res4 C256 14x14 K256        1.61   1.18         0.73-0.80
+    res5 C512 7x7 K512          1.65   1.22         0.74-0.88
+    depthwise C128 56x56        0.21   0.19         0.82-0.93
+    ==========================  =====  ===========  ===================
 
-    On another run where other jobs left about one core (both libraries near their 1-thread
-    speed), the ratios were 0.84-0.98. The implicit-GEMM engine it replaced (gathered patch
-    panels, matmul micro-kernel, depthwise through 6-row tiles) measured 0.38-0.70 of torch
-    in runs beside this one, and 0.02-0.07 on the depthwise layer.
+    With other jobs holding about one core (both libraries near their 1-thread speed) the
+    ratios were 0.84-1.03. The implicit-GEMM engine this replaced (gathered patch panels,
+    the matmul micro-kernel, depthwise through 6-row tiles) measured 0.38-0.70 of torch in
+    runs beside it, and 0.02-0.07 on the depthwise layer.
+    Benchmark pitfall seen here: torch's bundled OpenMP and Numba's system libgomp in one
+    process sometimes lock into a state where every parallel call of either waits for
+    scheduler ticks (this stage 24 ms, torch 40 ms, for the rest of the process);
+    ``OMP_WAIT_POLICY=PASSIVE`` avoided it in every run.
     Still missing: everything `tiled` lacks (see conv2d.py): junk columns of the wide grid,
     unaligned B loads from many image rows.
     """
