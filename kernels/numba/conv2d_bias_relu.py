@@ -32,12 +32,13 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     cost as much as a small conv layer's arithmetic when the output does not fit in cache.
     Measured (batch 1, float32, 3x3 pad 1, interleaved with ``torch.relu(F.conv2d(x, w, b))``
     in one process, 8 rounds x 10 calls after an untimed one, 2 threads for both; ms are
-    medians of one run, the ratio column spans three runs on different minutes):
+    medians, each row from one run; the ratio column spans the runs of this version, two or
+    three per layer, minutes apart):
 
     ==========================  =====  ===========  ===================
     layer                       this   torch eager  torch / this
     ==========================  =====  ===========  ===================
-    res2 C64 56x56 K64          1.50   1.42         0.95-1.38
+    res2 C64 56x56 K64          1.50   1.42         0.95
     res3 C128 28x28 K128        1.57   1.23         0.78-0.84
     res4 C256 14x14 K256        1.61   1.18         0.73-0.80
     res5 C512 7x7 K512          1.65   1.22         0.74-0.88
@@ -45,7 +46,7 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     ==========================  =====  ===========  ===================
 
     With other jobs holding about one core (both libraries near their 1-thread speed) the
-    ratios were 0.84-1.03. The implicit-GEMM engine this replaced (gathered patch panels,
+    ratios were 0.83-1.03 (res2 1.03). The implicit-GEMM engine this replaced (gathered patch panels,
     the matmul micro-kernel, depthwise through 6-row tiles) measured 0.38-0.70 of torch in
     runs beside it, and 0.02-0.07 on the depthwise layer.
     Benchmark pitfall seen here: torch's bundled OpenMP and Numba's system libgomp in one
