@@ -525,12 +525,12 @@ def conv2d_tiled(x, w, out, p):
     feeds MR = 6 FMAs, each weight NR = 32).
     Measured at res3: 2.54 ms on 1 thread (91 GFLOP/s; torch 2.06 ms, 0.81x), 1.46-1.68 ms
     median on 2 (138-158 GFLOP/s, 0.80-0.86x torch eager), 2.6-2.9x `parallel`. The
-    micro-kernel alone, timed over the same image with no edges and no epilogue, runs at
+    micro-kernel alone, timed over the same image with no edges and plain stores, runs at
     117 GFLOP/s on one thread (about 80 % of FP32 FMA peak), whatever its shape (6x32, 8x32,
     4x64, 6x48, 12x16 measured within 1 %); the remaining 1-thread gap is junk columns,
     padded edge tiles, the padding copy and the stores. An earlier version gathered patch
     panels (KC = 256 taps x 256 pixels, runs along output rows) and ran the matmul
-    micro-kernel on them: 3.7-3.9 ms on 1 thread, the gather a third of it.
+    micro-kernel on them: 3.7-3.9 ms on 1 thread in runs beside this one.
     Still missing: junk columns cost Wq/Wo - 1 of extra FMAs (7 % at res3, 29 % at 7x7,
     though there the last 32-pixel panel is padded anyway); B loads are unaligned and hop
     across C*kH*kW rows of the image instead of one packed stream.
