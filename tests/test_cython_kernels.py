@@ -209,6 +209,42 @@ def test_depthwise_register_path_every_width(dtype, rng):
         check_conv(fused, x, w, 1, 1, 1, 3, bias, what=f"dw width {wo} fused")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stride1_direct_path_paddings_and_image_blocks(dtype, rng):
+    """Stride-1 convs read B in place from a zero-padded copy of the image (gemm.pxi kind
+    2): every padding side alone (incl. none at the bottom with some on the left), dilation,
+    groups, more than KC reduction rows, outputs narrower than a tile, and small outputs
+    whose tasks span several images (with the fused epilogue)."""
+    from fastops.validation import ConvParams
+
+    fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
+    cases = [  # x shape, w shape, (top, bottom, left, right), dilation, groups
+        ((2, 3, 6, 7), (5, 3, 3, 3), (0, 0, 2, 1), (1, 1), 1),
+        ((1, 4, 5, 5), (9, 4, 3, 2), (1, 0, 0, 0), (1, 1), 1),
+        ((3, 4, 9, 8), (6, 2, 3, 3), (2, 1, 0, 3), (2, 1), 2),
+        ((1, 30, 4, 4), (10, 30, 3, 3), (1, 1, 1, 1), (1, 1), 1),  # 270 rows: 2 KC blocks
+        ((40, 5, 3, 3), (17, 5, 3, 3), (1, 1, 1, 1), (1, 1), 1),  # 40 images, 9-pixel outputs
+        ((2, 6, 1, 1), (8, 6, 1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1 in place, one pixel
+    ]
+    for xs, ws, (pt, pb, pl, pr), (dh, dw), groups in cases:
+        x = rng.standard_normal(xs).astype(dtype)
+        w = rng.standard_normal(ws).astype(dtype)
+        bias = rng.standard_normal(ws[0]).astype(dtype)
+        p = ConvParams(1, 1, pt, pb, pl, pr, dh, dw, groups)
+        xpad = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        ref = oracle.conv2d(xpad, w, None, 1, 0, (dh, dw), groups)
+        absref = oracle.conv2d(xpad, w, None, 1, 0, (dh, dw), groups, absolute=True)
+        red = ws[1] * ws[2] * ws[3]
+        out = np.full(ref.shape, np.nan, dtype)
+        cv.conv2d_tiled(x, w, out, p)
+        assert_close(out, ref, absref, red, dtype, f"direct {xs} {ws} {(pt, pb, pl, pr)}")
+        out = np.full(ref.shape, np.nan, dtype)
+        fused(x, w, bias, out, p)
+        ref_f = np.maximum(ref + bias[None, :, None, None], 0)
+        assert_close(out, ref_f, absref + np.abs(bias)[None, :, None, None], red + 1, dtype,
+                     f"direct fused {xs} {ws}")
+
+
 def test_conv_asymmetric_padding_params(rng):
     from fastops.validation import ConvParams
 

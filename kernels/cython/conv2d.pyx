@@ -20,6 +20,9 @@ dtype to ``cdef ... nogil`` cores written once over the fused type ``real``.
 from functools import lru_cache
 
 from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+
+import numpy as np
 
 from fastops.registry import register
 
@@ -196,6 +199,74 @@ def conv2d_parallel(x, w, out, p):
 
 
 # ---------------------------------------------------------------------------- 4 tiled
+cdef void pad_planes(const real *x, real *xp, Py_ssize_t planes, Py_ssize_t H, Py_ssize_t W,
+                     Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t pt, Py_ssize_t pl,
+                     Py_ssize_t slack) noexcept nogil:
+    """xp (planes, Hp, Wp) + `slack` zeros = x (planes, H, W) placed at (pt, pl), zeros
+    around: one pass over the image, in parallel over the planes."""
+    cdef Py_ssize_t t, ih
+    cdef real *row
+    for t in prange(planes, schedule="static"):
+        for ih in range(Hp):
+            row = xp + (t * Hp + ih) * Wp
+            if ih < pt or ih >= pt + H:
+                memset(row, 0, Wp * sizeof(real))
+            else:
+                memset(row, 0, pl * sizeof(real))
+                memcpy(row + pl, x + (t * H + ih - pt) * W, W * sizeof(real))
+                memset(row + pl + W, 0, (Wp - pl - W) * sizeof(real))
+    memset(xp + planes * Hp * Wp, 0, slack * sizeof(real))
+
+
+cdef enum:
+    DIRECT_COLUMNS = 1024  # padded-grid columns per task the image blocking aims at
+
+
+cdef direct_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
+                     Geom g, Py_ssize_t pb_, Py_ssize_t pr, real[::1] bias, bint relu):
+    """Stride-1 conv with B read in place from the zero-padded image (gemm.pxi kind 2)."""
+    cdef Py_ssize_t red = g.Cg * g.kh * g.kw
+    cdef Py_ssize_t Hp = g.H + g.pt + pb_, Wp = g.W + g.pl + pr
+    cdef Py_ssize_t P = g.Ho * g.Wo, Pp = g.Ho * Wp
+    cdef Py_ssize_t slack = (g.kw - 1) * g.dw + 64, q, c, r, s_
+    cdef const real *pbias = &bias[0] if bias is not None else NULL
+    cdef const real *xsrc = &x[0, 0, 0, 0]
+    cdef BSource src
+    cdef int status = 0
+    cdef int[::1] boff = np.empty(red, dtype=np.int32)
+    cdef real[::1] xp_store
+    cdef Py_ssize_t m_block, n_block
+    # Row p = (c, r, s) of B starts at boff[p] in the group's padded planes.
+    for c in range(g.Cg):
+        for r in range(g.kh):
+            for s_ in range(g.kw):
+                q = (c * g.kh + r) * g.kw + s_
+                boff[q] = <int> (c * Hp * Wp + r * g.dh * Wp + s_ * g.dw)
+    src.kind = 2
+    src.Wo = <int> g.Wo
+    src.Wp = Wp
+    src.boff = &boff[0]
+    in_place = (Hp == g.H and Wp == g.W and g.kw == 1)  # nothing to pad, nothing read past
+    if not in_place:
+        xp_store = np.empty(g.N * g.C * Hp * Wp + slack, dtype=np.asarray(x).dtype)
+        with nogil:
+            pad_planes(xsrc, &xp_store[0], g.N * g.C, g.H, g.W, Hp, Wp, g.pt, g.pl, slack)
+        xsrc = &xp_store[0]
+    # Small outputs: a task covers several images (enough for ~1024 columns), so a weight
+    # block loaded into L2 serves all their tiles.
+    src.images_per_task = max(1, min(g.N, DIRECT_COLUMNS // Pp))
+    src.b_image_stride = g.C * Hp * Wp
+    src.c_image_stride = g.K * P
+    m_block, n_block = _grid(g.Kg, Pp, ((g.N + src.images_per_task - 1) // src.images_per_task)
+                             * g.groups, "f" if real is float else "d")
+    with nogil:
+        status = gemm_run(&w[0, 0, 0, 0], red, g.Kg, red, Pp, xsrc, g.C * Hp * Wp,
+                          g.Cg * Hp * Wp, &src, &out[0, 0, 0, 0], P, g.K * P, g.Kg * P,
+                          g.Kg * red, pbias, relu, g.N, g.groups, m_block, n_block)
+    if status:
+        raise MemoryError("conv2d/cython/tiled: could not allocate packing buffers")
+
+
 cdef implicit_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
                        Geom g, real[::1] bias, bint relu, Py_ssize_t m_block,
                        Py_ssize_t n_block):
@@ -295,6 +366,14 @@ def conv2d_tiled_epilogue(x, w, out, p, bias=None, relu=False):
             planes_run[float](x, w, out, g, True, bias, relu)
         else:
             planes_run[double](x, w, out, g, True, bias, relu)
+        return
+    if (g.sh == 1 and g.sw == 1 and FO_HAVE_DIRECT and fo_simd_enabled
+            and x.shape[1] * (x.shape[2] + p.pad_top + p.pad_bottom)
+            * (x.shape[3] + p.pad_left + p.pad_right) < 2**31 - 2**20):
+        if x.dtype.char == "f":
+            direct_gemm_run[float](x, w, out, g, p.pad_bottom, p.pad_right, bias, relu)
+        else:
+            direct_gemm_run[double](x, w, out, g, p.pad_bottom, p.pad_right, bias, relu)
         return
     m_block, n_block = _grid(g.Kg, g.Ho * g.Wo, g.N * g.groups, x.dtype.char)
     if x.dtype.char == "f":

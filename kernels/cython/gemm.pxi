@@ -58,12 +58,29 @@ cdef extern from "microkernel.h" nogil:
     void fo_ukernel_d(long kc, const double *Ap, long a_rs, long a_ks, const double *Bp,
                       double *C, long ldc, int mr, int nr, int first, const double *bias,
                       int relu)
+    ctypedef struct fo_seg:
+        int lo, hi
+        long dest
+    enum:
+        FO_HAVE_DIRECT
+    void fo_ukernel_f_direct(long kc, const float *Ap, long a_rs, long a_ks, const float *B0,
+                             const int *boff, int ncols, float *C, long ldc, const fo_seg *seg,
+                             int nseg, int mr, int first, const float *bias, int relu)
+    void fo_ukernel_d_direct(long kc, const double *Ap, long a_rs, long a_ks,
+                             const double *B0, const int *boff, int ncols, double *C, long ldc,
+                             const fo_seg *seg, int nseg, int mr, int first, const double *bias,
+                             int relu)
+    int fo_copy_run_f(float *dst, const float *row, long iw0, int sw, long W, long run,
+                      long lo, long hi)
+    int fo_copy_run_d(double *dst, const double *row, long iw0, int sw, long W, long run,
+                      long lo, long hi)
 
 ctypedef fused real:
     float
     double
 
 cdef enum:
+    KC_DIRECT = 256
     KC = 256
     MC = 256
     NC_MAX = 1024
@@ -123,9 +140,17 @@ set_simd(_use_simd)
 cdef struct BSource:
     # How to read element (p, j) of B. kind 0: matrix, B[p * ldb + j].
     # kind 1: image x (C, H, W) of one group; p = (c * kh + r) * kw + s, j = oh * Wo + ow.
+    # kind 2: zero-padded image xp (C, Hp, Wp) read in place (stride-1 conv, no packing):
+    #         B[p, j'] = xp[boff[p] + j'] over the padded pixel grid j' = oh * Wp + ow; the
+    #         columns with ow >= Wo are computed and dropped by the write-back.
     int kind
     Py_ssize_t ldb
     int H, W, kh, kw, sh, sw, pt, pl, dh, dw, Wo
+    Py_ssize_t Wp
+    const int *boff
+    # kind 2: images per task (the weights block in L2 is reused across all their tiles),
+    # and the image strides of B and C the task steps by.
+    Py_ssize_t images_per_task, b_image_stride, c_image_stride
 
 
 cdef inline int mr_of(real *dummy) noexcept nogil:
@@ -182,6 +207,11 @@ cdef inline void valid_range(Py_ssize_t iw0, int sw, int W, Py_ssize_t run, Py_s
     """[lo, hi): the t < run whose input column iw0 + t*sw lies inside 0 .. W-1 (the rest of
     the run falls in the left/right zero padding)."""
     cdef Py_ssize_t l = 0, h = 0
+    if sw == 1:  # the common case, without the integer divisions (~25 cycles each)
+        l = min(max(-iw0, 0), run)
+        lo[0] = l
+        hi[0] = max(min(W - iw0, run), l)
+        return
     if iw0 < 0:
         l = (-iw0 + sw - 1) // sw
     if iw0 <= W - 1:
@@ -193,9 +223,16 @@ cdef inline void valid_range(Py_ssize_t iw0, int sw, int W, Py_ssize_t run, Py_s
 
 cdef inline void copy_run(real *dst, const real *row, Py_ssize_t iw0, int sw, int W,
                           Py_ssize_t run) noexcept nogil:
-    """dst[t] = row[iw0 + t*sw] for t < run, zero where the column falls in the padding."""
+    """dst[t] = row[iw0 + t*sw] for t < run, zero where the column falls in the padding.
+    AVX-512 masked loads/stores for stride 1 and 2 (microkernel.h), else scalar loops."""
     cdef Py_ssize_t lo, hi, t
     valid_range(iw0, sw, W, run, &lo, &hi)
+    if real is float:
+        if fo_copy_run_f(dst, row, iw0, sw, W, run, lo, hi):
+            return
+    else:
+        if fo_copy_run_d(dst, row, iw0, sw, W, run, lo, hi):
+            return
     for t in range(lo):
         dst[t] = 0
     if sw == 1:
@@ -224,6 +261,9 @@ cdef void pack_b(const real *b, const BSource *src, Py_ssize_t pc, Py_ssize_t kc
             r = (q % taps) // src.kw
             s = q % src.kw
             chan = b + c * src.H * src.W
+            # Output pixel (oh, ow) of column n0; later columns advance it without dividing.
+            oh = n0 // src.Wo
+            ow = n0 - oh * src.Wo
         for sl in range(nsl):
             dst = bpack + sl * kc * NR + p * NR
             j = n0 + sl * NR
@@ -234,8 +274,6 @@ cdef void pack_b(const real *b, const BSource *src, Py_ssize_t pc, Py_ssize_t kc
             else:
                 # Split the sliver into runs that stay inside one output row (oh fixed).
                 t = 0
-                oh = j // src.Wo
-                ow = j - oh * src.Wo
                 while j < jend:
                     run = min(src.Wo - ow, jend - j)
                     ih = oh * src.sh - src.pt + r * src.dh
@@ -246,8 +284,10 @@ cdef void pack_b(const real *b, const BSource *src, Py_ssize_t pc, Py_ssize_t kc
                                  src.sw, src.W, run)
                     t += run
                     j += run
-                    ow = 0
-                    oh += 1
+                    ow += run
+                    if ow == src.Wo:
+                        ow = 0
+                        oh += 1
             if t < NR:
                 memset(dst + t, 0, (NR - t) * sizeof(real))
 
@@ -260,6 +300,80 @@ cdef inline void ukernel(Py_ssize_t kc, const real *ap, Py_ssize_t a_rs, Py_ssiz
         fo_ukernel_f(kc, ap, a_rs, a_ks, bp, c, ldc, mr, nr, first, bias, relu)
     else:
         fo_ukernel_d(kc, ap, a_rs, a_ks, bp, c, ldc, mr, nr, first, bias, relu)
+
+
+cdef enum:
+    MAX_SEGS = 66  # segments of one tile: <= NR (32) + 2, with room for any ISA's NR
+
+
+cdef int tile_segments(const BSource *src, Py_ssize_t j0, Py_ssize_t ncols,
+                       fo_seg *seg) noexcept nogil:
+    """Kind 2: split the tile's padded-grid columns [j0, j0 + ncols) into runs that stay in
+    one output row and are real output columns (ow < Wo); dest = oh * Wo + ow in out."""
+    cdef Py_ssize_t j = j0, jend = j0 + ncols, oh = j0 // src.Wp, ow, run, valid
+    cdef int n = 0
+    ow = j0 - oh * src.Wp
+    while j < jend:
+        run = min(src.Wp - ow, jend - j)
+        valid = min(run, src.Wo - ow)
+        if valid > 0:
+            seg[n].lo = <int> (j - j0)
+            seg[n].hi = <int> (j - j0 + valid)
+            seg[n].dest = oh * src.Wo + ow
+            n += 1
+        j += run
+        ow = 0
+        oh += 1
+    return n
+
+
+cdef void gemm_task_direct(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
+                           const real *b, const BSource *src, real *c, Py_ssize_t ldc,
+                           Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t n0, Py_ssize_t n1,
+                           Py_ssize_t images, const real *bias, int relu) noexcept nogil:
+    """Kind 2 (B read in place from the padded image): the loop nest of gemm_task without
+    pack_b, over `images` consecutive images inside the A block loop, so that a block of
+    weights (MC x KC, in L2) serves every image's tiles: with 7 x 7 outputs (2 tiles per
+    image) re-streaming all the weights per image made res5 at batch 8 memory bound.
+    Columns are the padded pixel grid; the write-back segments are recomputed per tile.
+    A is the weights, read in place (lda > 0)."""
+    cdef int MR = mr_of(c), NR = nr_of(c)
+    cdef Py_ssize_t pb, pc, kc, ib, ic, iend, j0, ir, ncols, img
+    cdef const real *bi
+    cdef real *ci
+    cdef int first, last, nseg
+    cdef fo_seg seg[MAX_SEGS]
+    for pb in range((K + KC_DIRECT - 1) // KC_DIRECT):
+        pc = pb * KC_DIRECT
+        kc = min(KC_DIRECT, K - pc)
+        first = pc == 0
+        last = pc + kc == K
+        for ib in range((m1 - m0 + MC - 1) // MC):
+            ic = m0 + ib * MC
+            iend = min(ic + MC, m1)
+            for img in range(images):
+                bi = b + img * src.b_image_stride
+                ci = c + img * src.c_image_stride
+                j0 = n0
+                while j0 < n1:
+                    ncols = min(NR, n1 - j0)
+                    nseg = tile_segments(src, j0, ncols, seg)
+                    ir = ic
+                    while ir < iend:
+                        if real is float:
+                            fo_ukernel_f_direct(kc, a + ir * lda + pc, lda, 1, bi + j0,
+                                                src.boff + pc, <int> ncols, ci + ir * ldc,
+                                                ldc, seg, nseg, <int> min(MR, M - ir), first,
+                                                bias + ir if (last and bias != NULL) else NULL,
+                                                relu and last)
+                        else:
+                            fo_ukernel_d_direct(kc, a + ir * lda + pc, lda, 1, bi + j0,
+                                                src.boff + pc, <int> ncols, ci + ir * ldc,
+                                                ldc, seg, nseg, <int> min(MR, M - ir), first,
+                                                bias + ir if (last and bias != NULL) else NULL,
+                                                relu and last)
+                        ir += MR
+                    j0 += NR
 
 
 cdef void gemm_task(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K, const real *b,
@@ -312,9 +426,12 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
     cdef Py_ssize_t m_tasks = (M + m_block - 1) // m_block
     cdef Py_ssize_t n_tasks = (N + n_block - 1) // n_block
     cdef Py_ssize_t per_image = groups * m_tasks * n_tasks
-    cdef Py_ssize_t t, img, g, rest, m0, n0
+    cdef Py_ssize_t t, img, g, rest, m0, n0, img_tasks = images, ipt = 1
+    if src.kind == 2:  # tasks take blocks of images_per_task images
+        ipt = src.images_per_task
+        img_tasks = (images + ipt - 1) // ipt
     cdef int threads = openmp.omp_get_max_threads()
-    cdef Py_ssize_t slot = KC * round_up(n_block, nr_of(c))
+    cdef Py_ssize_t slot = KC * round_up(n_block, nr_of(c)) if src.kind != 2 else 16
     # One B packing buffer per thread, allocated up front (a worksharing loop must be reached
     # by every thread, so no thread may bail out inside the parallel region).
     cdef real *buffers = alloc_aligned(threads * slot, c)
@@ -323,7 +440,7 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
         return -1
     # Tasks are equal-sized except at the edges; dynamic scheduling absorbs those and the
     # stalls of a shared machine.
-    for t in prange(images * per_image, schedule="dynamic", num_threads=threads):
+    for t in prange(img_tasks * per_image, schedule="dynamic", num_threads=threads):
         bpack = buffers + openmp.omp_get_thread_num() * slot
         img = t // per_image
         rest = t % per_image
@@ -331,11 +448,19 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
         rest = rest % (m_tasks * n_tasks)
         m0 = (rest // n_tasks) * m_block
         n0 = (rest % n_tasks) * n_block
-        gemm_task(apack + g * a_group_stride, lda, M, K,
-                  b + img * b_image_stride + g * b_group_stride, src,
-                  c + img * c_image_stride + g * c_group_stride, ldc,
-                  m0, min(m0 + m_block, M), n0, min(n0 + n_block, N),
-                  bias + g * M if bias != NULL else NULL, relu, bpack)
+        if src.kind == 2:
+            gemm_task_direct(apack + g * a_group_stride, lda, M, K,
+                             b + img * ipt * b_image_stride + g * b_group_stride, src,
+                             c + img * ipt * c_image_stride + g * c_group_stride, ldc,
+                             m0, min(m0 + m_block, M), n0, min(n0 + n_block, N),
+                             min(ipt, images - img * ipt),
+                             bias + g * M if bias != NULL else NULL, relu)
+        else:
+            gemm_task(apack + g * a_group_stride, lda, M, K,
+                      b + img * b_image_stride + g * b_group_stride, src,
+                      c + img * c_image_stride + g * c_group_stride, ldc,
+                      m0, min(m0 + m_block, M), n0, min(n0 + n_block, N),
+                      bias + g * M if bias != NULL else NULL, relu, bpack)
     free(buffers)
     return 0
 

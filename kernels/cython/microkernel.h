@@ -395,6 +395,135 @@ static void fo_skinny_d(int m, long K, const double *A, long lda, const double *
                         double *C, long ldc, long nc) {}
 #endif
 
+/* ------------------------------------------------------------------ image runs (packing)
+ * fo_copy_run_*(dst, row, iw0, sw, W, run, lo, hi): dst[t] = row[iw0 + t*sw] for
+ * lo <= t < hi (the columns inside the image) and 0 for the other t < run: one output row's
+ * piece of a packed B sliver row in the implicit-GEMM conv (gemm.pxi, pack_b). Runs are
+ * short (<= NR = 32 floats, often 7-28), so instead of memcpy/memset calls and a scalar
+ * strided loop, each 16-lane piece is one masked load (zeros where the column is padding;
+ * masked-off lanes never fault) and one masked store. Stride 2 (the 7x7/2 stem, 1x1/2
+ * downsampling) loads two vectors and keeps the even lanes with one permute. Returns 0 when
+ * it has no vector code for the case (the caller runs its scalar loop). */
+#if FO_X86 && defined(__AVX512F__)
+static inline __mmask16 fo_bits16(long from, long to) { /* lanes [from, to) of 0..15 */
+    from = from < 0 ? 0 : (from > 16 ? 16 : from);
+    to = to < 0 ? 0 : (to > 16 ? 16 : to);
+    return to <= from ? 0 : (__mmask16)(((1u << to) - 1u) & ~((1u << from) - 1u));
+}
+static inline __mmask8 fo_bits8(long from, long to) {
+    return (__mmask8)(fo_bits16(from, to > 8 ? 8 : to) & 0xff);
+}
+#define FO_DEFINE_COPY_RUN(NAME, T, VT, L, MASKT, BITS, MLOADU, MSTOREU, PERMUTE2, EVEN)        \
+    static inline int NAME(T *dst, const T *row, long iw0, int sw, long W, long run, long lo,   \
+                           long hi) {                                                          \
+        if (!fo_simd_enabled || (sw != 1 && sw != 2)) return 0;                                \
+        for (long t0 = 0; t0 < run; t0 += L) {                                                 \
+            MASKT keep = BITS(lo - t0, hi - t0), store = BITS(0, run - t0);                    \
+            VT v;                                                                              \
+            if (sw == 1) {                                                                     \
+                v = MLOADU(keep, row + iw0 + t0);                                              \
+            } else { /* source columns c = iw0 + 2*t0 + q, q < 2L; even q are the outputs */   \
+                long c0 = iw0 + 2 * t0;                                                        \
+                VT lo_v = MLOADU(BITS(-c0, W - c0), row + c0);                                 \
+                VT hi_v = MLOADU(BITS(-c0 - L, W - c0 - L), row + c0 + L);                     \
+                v = PERMUTE2(lo_v, EVEN, hi_v); /* padding columns were loaded as 0 */         \
+            }                                                                                  \
+            MSTOREU(dst + t0, store, v);                                                       \
+        }                                                                                      \
+        return 1;                                                                              \
+    }
+FO_DEFINE_COPY_RUN(fo_copy_run_f, float, __m512, 16, __mmask16, fo_bits16, _mm512_maskz_loadu_ps,
+                   _mm512_mask_storeu_ps, _mm512_permutex2var_ps,
+                   _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30))
+FO_DEFINE_COPY_RUN(fo_copy_run_d, double, __m512d, 8, __mmask8, fo_bits8, _mm512_maskz_loadu_pd,
+                   _mm512_mask_storeu_pd, _mm512_permutex2var_pd,
+                   _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14))
+#else
+static inline int fo_copy_run_f(float *dst, const float *row, long iw0, int sw, long W, long run,
+                                long lo, long hi) { return 0; }
+static inline int fo_copy_run_d(double *dst, const double *row, long iw0, int sw, long W,
+                                long run, long lo, long hi) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------ B read in place (conv)
+ * The stride-1 conv's "direct" variant of the micro-kernel (gemm.pxi, B source kind 2).
+ * On a zero-padded image xp (C, Hp, Wp), reduction row p = (c, r, s) of the implicit GEMM
+ * is xp[c, oh + r*dh, ow + s*dw] = xp_flat[boff[p] + j'] with j' = oh * Wp + ow: every row
+ * of B is one contiguous run of the padded image, so no packing at all. The GEMM runs over
+ * the padded pixel grid (Ho x Wp); the Wp - Wo columns past each output row are computed
+ * and dropped. Per k step the kernel loads 2 vectors of B at xp + boff[p] + j0 (unaligned,
+ * from L1/L2; masked past the last column so nothing beyond the image is read) and 8
+ * broadcasts of A: the same 16 FMAs as fo_ukernel_*. The write-back scatters the tile's
+ * columns by segments (one per output row the tile crosses): lanes [lo, hi) of every C row
+ * go to C + dest + (lane - lo), via masked loads/stores at the shifted pointer. */
+typedef struct {
+    int lo, hi; /* tile columns [lo, hi) ... */
+    long dest;  /* ... land at C row + dest + (lane - lo) */
+} fo_seg;
+
+#if FO_X86 && defined(__AVX512F__)
+#define FO_HAVE_DIRECT 1
+#define FO_DEFINE_DIRECT(NAME, T, VT, L, MR, MASKT, BITS, SET1, ZERO, MLOADU, FMA, ADD, MAX,       \
+                         MSTOREU)                                                               \
+    static inline __attribute__((always_inline)) VT NAME##_finish(VT v, const T *d, MASKT m,    \
+                                                                  int first, const T *bias,     \
+                                                                  int i, int relu) {            \
+        if (!first) v = ADD(v, MLOADU(m, d));                                                   \
+        if (bias) v = ADD(v, SET1(bias[i]));                                                    \
+        if (relu) v = MAX(ZERO(), v); /* max(0, NaN) = NaN */                                   \
+        return v;                                                                               \
+    }                                                                                           \
+    static void NAME(long kc, const T *restrict Ap, long a_rs, long a_ks, const T *B0,          \
+                     const int *boff, int ncols, T *C, long ldc, const fo_seg *seg, int nseg,   \
+                     int mr, int first, const T *bias, int relu) {                              \
+        VT c0[MR], c1[MR];                                                                      \
+        const T *ar[MR];                                                                        \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                                  \
+            c0[i] = c1[i] = ZERO();                                                             \
+            ar[i] = Ap + (long)(i < mr ? i : mr - 1) * a_rs;                                    \
+        }                                                                                       \
+        MASKT m0 = BITS(0, ncols), m1 = BITS(0, ncols - L);                                     \
+        for (long p = 0; p < kc; p++) {                                                         \
+            const T *bp = B0 + boff[p];                                                         \
+            VT b0 = MLOADU(m0, bp), b1 = MLOADU(m1, bp + L);                                    \
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                              \
+                VT a = SET1(ar[i][p * a_ks]);                                                   \
+                c0[i] = FMA(a, b0, c0[i]);                                                      \
+                c1[i] = FMA(a, b1, c1[i]);                                                      \
+            }                                                                                   \
+        }                                                                                       \
+        /* i unrolled (constant register indices: a runtime index would put c0/c1 on the   \
+         * stack for the whole k loop). */                                                      \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                                  \
+            if (i >= mr) break;                                                                 \
+            for (int g = 0; g < nseg; g++) {                                                    \
+                MASKT s0 = BITS(seg[g].lo, seg[g].hi), s1 = BITS(seg[g].lo - L, seg[g].hi - L); \
+                T *d = C + (long)i * ldc + seg[g].dest - seg[g].lo; /* lane l -> d + l */       \
+                if (s0) MSTOREU(d, s0, NAME##_finish(c0[i], d, s0, first, bias, i, relu));      \
+                if (s1)                                                                         \
+                    MSTOREU(d + L, s1,                                                          \
+                            NAME##_finish(c1[i], d + L, s1, first, bias, i, relu));             \
+            }                                                                                   \
+        }                                                                                       \
+    }
+FO_DEFINE_DIRECT(fo_ukernel_f_direct, float, __m512, 16, FO_MR_F, __mmask16, fo_bits16,
+                 _mm512_set1_ps, _mm512_setzero_ps, _mm512_maskz_loadu_ps, _mm512_fmadd_ps,
+                 _mm512_add_ps, _mm512_max_ps, _mm512_mask_storeu_ps)
+FO_DEFINE_DIRECT(fo_ukernel_d_direct, double, __m512d, 8, FO_MR_D, __mmask8, fo_bits8,
+                 _mm512_set1_pd, _mm512_setzero_pd, _mm512_maskz_loadu_pd, _mm512_fmadd_pd,
+                 _mm512_add_pd, _mm512_max_pd, _mm512_mask_storeu_pd)
+#else
+#define FO_HAVE_DIRECT 0
+static void fo_ukernel_f_direct(long kc, const float *Ap, long a_rs, long a_ks, const float *B0,
+                                const int *boff, int ncols, float *C, long ldc,
+                                const fo_seg *seg, int nseg, int mr, int first,
+                                const float *bias, int relu) {}
+static void fo_ukernel_d_direct(long kc, const double *Ap, long a_rs, long a_ks,
+                                const double *B0, const int *boff, int ncols, double *C,
+                                long ldc, const fo_seg *seg, int nseg, int mr, int first,
+                                const double *bias, int relu) {}
+#endif
+
 /* ------------------------------------------------------------------ dispatch */
 /* A is read as Ap[i * a_rs + p * a_ks]: a packed sliver (a_rs = 1, a_ks = MR) or rows of a
  * row-major matrix read in place (a_rs = lda, a_ks = 1; conv weights, see gemm.pxi). */
