@@ -191,7 +191,7 @@ def peaks(remeasure: bool = False) -> dict:
     data = _measure_in_subprocess()
     data["cpu_model"] = cpu()["model"]
     data["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    data["load_avg"] = max(load_before, _load())
+    data["load_avg"] = load_before  # before: afterwards it counts the measurement's own threads
     busy = data["load_avg"] > 0.5 * (os.cpu_count() or 1)
     if busy:
         data["method"] += (f"; machine busy (load {data['load_avg']:.1f}): peaks may be low, "

@@ -157,10 +157,11 @@ def markdown(report: dict) -> str:
         "multiply-adds only (bias and ReLU not counted).",
     ]
     if report.get("load_avg"):
-        lines.append(f"- Wall time {report.get('wall_s')} s; 1-minute load average "
-                     f"{report['load_avg']['start']} at the start, {report['load_avg']['end']} "
-                     f"at the end (on {cpu['logical_cpus']} CPUs: above ~0.5 other processes "
-                     "were competing for the cores and parallel stages suffer most)")
+        lines.append(f"- Wall time {report.get('wall_s')} s. 1-minute load average before the "
+                     f"run {report['load_avg']['start']} on {cpu['logical_cpus']} CPUs (above "
+                     "~0.5, other processes were competing for the cores: parallel stages "
+                     f"suffer most); {report['load_avg']['end']} at the end, which includes "
+                     "the benchmark's own threads")
     if report.get("unavailable_backends"):
         lines.append("- Backends not available here: " + "; ".join(
             f"{b} ({why})" for b, why in report["unavailable_backends"].items()))
