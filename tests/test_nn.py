@@ -278,3 +278,33 @@ def test_from_torch_unsupported_layer_is_named(layer):
         fnn.from_torch(bad)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fnn.from_torch(lambda x: x)
+
+
+def test_backend_weight_prepack_hook_is_used(monkeypatch, rng):
+    """A kernel exposing prepack(w, p) and run_packed(...) gets its weights packed once."""
+    from fastops import registry
+
+    base = registry.lookup("conv2d", "numpy", "im2col").kernel
+    packs = []
+
+    def kernel(x, w, out, p):  # pragma: no cover - the graph must use run_packed instead
+        raise AssertionError("the graph should call run_packed")
+
+    def prepack(w, p):
+        packs.append(w.shape)
+        return ("packed", w)
+
+    def run_packed(x, packed, out, p):
+        assert packed[0] == "packed"
+        base(x, packed[1], out, p)
+
+    kernel.prepack, kernel.run_packed = prepack, run_packed
+    impl = registry.Implementation("conv2d", "numpy", "packed", "test double", kernel, position=99)
+    monkeypatch.setitem(registry._IMPLS, ("conv2d", "numpy", "packed"), impl)
+    graph = fnn.compile(fnn.Sequential(conv(rng, 3, 4, 3, padding=1)), backend="numpy",
+                        autotune=False)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    for _ in range(3):
+        got = graph(x)
+    assert packs == [(4, 3, 3, 3)]  # once, at planning
+    assert_net_close(got, graph.reference(x), np.float32, "prepacked conv")
