@@ -276,10 +276,36 @@ def cmd_info(args) -> int:
     return 0
 
 
+# Idle thread pools spin, and on 2 cores a spinning pool stalls the next kernel of another pool
+# by whole scheduler ticks. The interleaved benchmark switches pools every round, so it sets:
+# * OPENBLAS_THREAD_TIMEOUT=4: OpenBLAS workers busy-wait 2^28 cycles (~0.1 s) after every call
+#   (measured: 0.1 s of CPU burnt in a 0.3 s sleep after one numpy.matmul); 2^4 cycles makes
+#   them sleep at once. NumPy's own time did not change measurably (N=256 sgemm 0.191 vs
+#   0.198 ms median, N=64 5.7 vs 5.7 us).
+# * GOMP_SPINCOUNT=30000: PyTorch bundles its own libgomp, Numba/Cython use the system one, so
+#   two OpenMP runtimes alternate; with libgomp's default 300000 spins, res3 conv2d_bias_relu
+#   medians interleaved were 24 ms (numba tiled) and 40 ms (torch) against minima of 1.4 and
+#   1.1 ms; with 30000 they were 1.38 and 1.11 ms, and each kernel timed alone was unchanged
+#   within noise (numba tiled 1.46 vs 1.59, torch 1.09 vs 1.09, cython tiled 1.46 vs 1.49 ms).
+# OpenBLAS and libgomp read these when they load, so `fastops bench` re-executes itself once
+# with them set; set them yourself to override (e.g. 28 and 300000, the libraries' defaults).
+BENCH_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "30000"}
+
+
+def _reexec_with_bench_env(argv) -> None:
+    missing = {k: v for k, v in BENCH_ENV.items() if k not in os.environ}
+    if not missing or os.environ.get("FASTOPS_BENCH_REEXEC"):
+        return
+    env = dict(os.environ, FASTOPS_BENCH_REEXEC="1", **missing)
+    os.execve(sys.executable, [sys.executable, "-m", "fastops", *argv], env)
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
+        if argv is None:  # a real command line (not a call from Python, e.g. the tests)
+            _reexec_with_bench_env(sys.argv[1:])
         return cmd_bench(parser, args, argv)
     return cmd_info(args)
 

@@ -158,7 +158,8 @@ def machine_info(with_torch: bool = False) -> dict:
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                                "NUMBA_NUM_THREADS", "NUMBA_CPU_FEATURES",
-                                               "GOMP_SPINCOUNT")},
+                                               "GOMP_SPINCOUNT", "OMP_WAIT_POLICY",
+                                               "OPENBLAS_THREAD_TIMEOUT")},
         "backends": {"available": backends.available(), "unavailable": backends.unavailable()},
         "tuning_cache": tuning_cache(), "platform": platform.platform(),
     }

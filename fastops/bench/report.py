@@ -156,6 +156,12 @@ def markdown(report: dict) -> str:
         "so > 1 means faster. 'naive' = the backend's first stage; FLOPs count 2 × "
         "multiply-adds only (bias and ReLU not counted).",
     ]
+    env = {k: v for k, v in m.get("env", {}).items() if v is not None}
+    lines.append("- Environment: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "none set")
+                 + ("; `fastops bench` sets OPENBLAS_THREAD_TIMEOUT=4 and GOMP_SPINCOUNT=30000 "
+                    "unless given, so idle OpenBLAS / OpenMP threads stop spinning quickly and do "
+                    "not stall the kernel timed next (see fastops/cli.py for the measurements)"
+                    if "OPENBLAS_THREAD_TIMEOUT" in env else ""))
     if report.get("load_avg"):
         lines.append(f"- Wall time {report.get('wall_s')} s. 1-minute load average before the "
                      f"run {report['load_avg']['start']} on {cpu['logical_cpus']} CPUs (above "
