@@ -10,9 +10,20 @@ backend and a PyTorch eager baseline when torch is importable. Shapes come from
 """
 from __future__ import annotations
 
-import pytest
+import os
 
-from fastops.bench import runner
+# Before NumPy / OpenMP load: the same quiet-pool settings `fastops bench` uses (see
+# fastops.cli.BENCH_ENV for why and what was measured); set them yourself to override.
+_BENCH_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "30000"}
+for _key, _value in _BENCH_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+
+from fastops.bench import runner  # noqa: E402
+from fastops.cli import BENCH_ENV  # noqa: E402
+
+assert BENCH_ENV == _BENCH_ENV, "keep benchmarks/conftest.py in step with fastops.cli.BENCH_ENV"
 
 
 def pytest_addoption(parser):
