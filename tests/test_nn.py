@@ -308,3 +308,36 @@ def test_backend_weight_prepack_hook_is_used(monkeypatch, rng):
         got = graph(x)
     assert packs == [(4, 3, 3, 3)]  # once, at planning
     assert_net_close(got, graph.reference(x), np.float32, "prepacked conv")
+
+
+def test_tuned_plan_must_win_end_to_end(monkeypatch, rng):
+    """Layers tuned to a non-default kernel are kept only if the whole graph is faster."""
+    from fastops import registry, tuning
+    from fastops.validation import check_conv2d
+
+    monkeypatch.setenv("FASTOPS_AUTOTUNE", "1")
+    base = registry.lookup("conv2d", "numpy", "im2col")
+    fake = registry.Implementation("conv2d", "numpy", "fake", "test double",
+                                   lambda x, w, out, p: base.kernel(x, w, out, p), position=99)
+    monkeypatch.setitem(registry._IMPLS, ("conv2d", "numpy", "fake"), fake)  # the new default
+    layer = conv(rng, 3, 4, 3, padding=1)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    plan = check_conv2d(x, layer.weight.astype(np.float32), layer.bias.astype(np.float32),
+                        1, 1, 1, 1)
+    key = tuning.problem_key("conv2d", "cpu", np.float32, "numpy", plan)
+    tuning._store({key: {"backend": "numpy", "stage": "im2col", "candidates": tuning.
+                         _candidate_labels("conv2d", "cpu", np.float32, "numpy", plan)}})
+    monkeypatch.setattr(tuning, "measure_with", lambda: lambda run, reps: [1.0] * reps)  # a tie
+    graph = fnn.compile(fnn.Sequential(layer), backend="numpy", autotune=True)
+    got = graph(x)
+    assert graph.kernels()["0_conv2d"] == "conv2d/numpy/fake"  # the tie keeps the default
+    decisions = [e for k, e in tuning.cache_info()["entries"].items() if k.startswith("graph|")]
+    assert [d["use"] for d in decisions] == ["default"]
+
+    def no_timing():
+        raise AssertionError("the cached decision should be used")
+
+    monkeypatch.setattr(tuning, "measure_with", no_timing)
+    again = fnn.compile(fnn.Sequential(layer), backend="numpy", autotune=True)
+    np.testing.assert_array_equal(again(x), got)
+    assert again.kernels()["0_conv2d"] == "conv2d/numpy/fake"

@@ -15,6 +15,10 @@ Life of a graph:
    (timed now if not cached, see :mod:`fastops.tuning`) or the default — and returns a runner.
    Liveness is computed so a value is dropped after its last use and elementwise layers may
    write into an input that dies with them.
+   When tuning changed any layer's kernel, the whole network is then timed with the tuned
+   kernels and with every layer on its default, interleaved; the tuned plan is kept only if
+   it wins end to end (per-layer timings miss thread-pool hand-overs and cache effects
+   between layers). The decision is cached too.
 4. **Run**: call the runners in order. No validation, no dispatch, no weight copies per call.
 
 A graph is not thread-safe (plans keep scratch buffers); use one graph per thread.
@@ -22,6 +26,7 @@ A graph is not thread-safe (plans keep scratch buffers); use one graph per threa
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -57,8 +62,9 @@ class _Builder:
 class _PlanContext:
     """What a layer's ``plan`` may ask of the graph while it is being planned."""
 
-    def __init__(self, graph, node, overwritable):
+    def __init__(self, graph, node, overwritable, record, default_only=False):
         self.graph, self.node, self._overwritable = graph, node, overwritable
+        self._record, self._default_only = record, default_only
 
     def pack(self, layer, name, array, dtype):
         """``array`` as a C-contiguous ``dtype`` array, made once per graph and dtype."""
@@ -74,11 +80,16 @@ class _PlanContext:
         from .. import api, tuning
 
         dtype = plan.a.dtype if op == "matmul" else plan.x.dtype
+        default = api.choose(op, "cpu", dtype, self.graph.backend)
+        if self._default_only:
+            return default
         tune = self.graph.autotune
         if tune is None:
             tune = tuning.enabled()
-        impl = tuning.choice(op, "cpu", dtype, self.graph.backend, plan, tune=tune)
-        return impl or api.choose(op, "cpu", dtype, self.graph.backend)
+        impl = tuning.choice(op, "cpu", dtype, self.graph.backend, plan, tune=tune) or default
+        self._record.append((tuning.problem_key(op, "cpu", dtype, self.graph.backend, plan),
+                             impl.name, default.name, tune))
+        return impl
 
     def note(self, layer, impl):
         self.graph._chosen[self.node.name] = impl.name
@@ -170,7 +181,10 @@ class Graph:
             raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
         plan = self._plans.get(self._plan_key(x))
         if plan is None:
-            return self._plan_and_run(x)
+            return self._first_run(x)
+        return self._execute(plan, x)
+
+    def _execute(self, plan, x):
         values = {INPUT: x}
         for name, inputs, run, dead in plan:
             values[name] = run(*[values[i] for i in inputs])
@@ -178,8 +192,57 @@ class Graph:
                 del values[d]
         return values[self.output]
 
-    def _plan_and_run(self, x):
-        """The first run for this shape: plan each node on its real inputs, then run it."""
+    def _first_run(self, x):
+        """Plan (tuning layers if enabled) and run; then, if tuning changed any layer's kernel,
+        the end-to-end check below decides between the tuned plan and the all-default one."""
+        record = []
+        out, plan = self._plan_and_run(x, record)
+        if any(tuned != default for _key, tuned, default, _t in record):
+            plan = self._accept(x, plan, record)
+        self._plans[self._plan_key(x)] = plan
+        return out
+
+    def _accept(self, x, tuned_plan, record):
+        """Keep the tuned plan only if the whole network runs faster with it than with every
+        layer on its default kernel (by more than ``tuning.MARGIN``, medians, interleaved).
+
+        Per-layer timing cannot see what happens between layers (thread-pool hand-overs, which
+        kernel left which data in cache), so tuning is accepted end to end; a decision is
+        cached under the graph's signature (its problems and their tuned kernels)."""
+        import hashlib
+
+        from .. import tuning
+
+        signature = hashlib.sha1(repr(sorted((k, t) for k, t, _d, _ in record)).encode())
+        key = f"graph|{signature.hexdigest()[:16]}"
+        session = tuning._session.get()
+        entry = tuning._load().get(key)
+        if entry is not None and not (session is not None and session.retune
+                                      and key not in session):
+            if entry.get("use") == "tuned":
+                return tuned_plan
+            return self._plan_and_run(x, [], default_only=True)[1]
+        if not any(t for *_rest, t in record):  # cached per-layer winners, timing not allowed
+            return tuned_plan
+        tuned_names = dict(self._chosen)
+        _out, default_plan = self._plan_and_run(x, [], default_only=True)
+        measure = tuning.measure_with()
+        runs = {"tuned": lambda: self._execute(tuned_plan, x),
+                "default": lambda: self._execute(default_plan, x)}
+        winner, medians = tuning.select(["default", "tuned"], runs.get, measure, reps=5,
+                                        prune=float("inf"))
+        tuning._store({key: {"backend": "graph", "stage": winner, "use": winner,
+                             "medians_s": medians, "layers": len(record),
+                             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+        if session is not None:
+            session[key] = winner
+        if winner == "tuned":
+            self._chosen = tuned_names
+            return tuned_plan
+        return default_plan
+
+    def _plan_and_run(self, x, record, default_only=False):
+        """Plan each node on its real inputs and run it; returns (output, plan)."""
         last_use = {}
         for n, node in enumerate(self.nodes):
             for name in node.inputs:
@@ -193,14 +256,14 @@ class Graph:
             # not passed twice to this node.
             overwritable = [last_use[i] == n and i != INPUT and node.inputs.count(i) == 1
                             and _owns_memory(values[i], values) for i in node.inputs]
-            run = node.layer.plan(inputs, _PlanContext(self, node, overwritable))
+            ctx = _PlanContext(self, node, overwritable, record, default_only)
+            run = node.layer.plan(inputs, ctx)
             values[node.name] = run(*inputs)
             dead = tuple(sorted({i for i in node.inputs if last_use[i] == n}))
             for d in dead:
                 del values[d]
             plan.append((node.name, node.inputs, run, dead))
-        self._plans[self._plan_key(x)] = plan
-        return values[self.output]
+        return values[self.output], plan
 
     def reference(self, x):
         """The un-optimised graph in float64 through the oracle: the correctness reference."""
