@@ -173,7 +173,9 @@ def _store_row(acc, out, row, col0, width, accumulate, bias, bias_row, last, rel
     add bias[row] (if ``bias`` is not empty) and apply ReLU (NaN stays NaN, as numpy.maximum)
     while the row is hot. bias_row: the index of ``row`` in ``bias``.
     """
-    bias_value = bias[bias_row] if bias.shape[0] > 0 else 0.0
+    # np.float32(0) unifies with a float32 bias to float32 (a float64 0.0 would promote the
+    # whole float32 epilogue to float64) and with a float64 bias to float64.
+    bias_value = bias[bias_row] if bias.shape[0] > 0 else np.float32(0.0)
     for j in range(width):
         v = acc[j]
         if accumulate:
