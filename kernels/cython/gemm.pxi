@@ -63,6 +63,7 @@ cdef extern from "microkernel.h" nogil:
         long dest
     enum:
         FO_HAVE_DIRECT
+        FO_DIRECT_NV
     void fo_ukernel_f_direct(long kc, const float *Ap, long a_rs, long a_ks, const float *B0,
                              const int *boff, int ncols, float *C, long ldc, const fo_seg *seg,
                              int nseg, int mr, int first, const float *bias, int relu)
@@ -337,7 +338,7 @@ cdef void gemm_task_direct(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize
     image) re-streaming all the weights per image made res5 at batch 8 memory bound.
     Columns are the padded pixel grid; the write-back segments are recomputed per tile.
     A is the weights, read in place (lda > 0)."""
-    cdef int MR = mr_of(c), NR = nr_of(c)
+    cdef int MR = mr_of(c), NR = FO_DIRECT_NV * (64 // sizeof(real))
     cdef Py_ssize_t pb, pc, kc, ib, ic, iend, j0, ir, ncols, img
     cdef const real *bi
     cdef real *ci

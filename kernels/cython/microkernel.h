@@ -463,7 +463,7 @@ typedef struct {
 
 #if FO_X86 && defined(__AVX512F__)
 #define FO_HAVE_DIRECT 1
-#define FO_DEFINE_DIRECT(NAME, T, VT, L, MR, MASKT, BITS, SET1, ZERO, MLOADU, FMA, ADD, MAX,       \
+#define FO_DEFINE_DIRECT(NAME, T, VT, L, MR, NV, MASKT, BITS, SET1, ZERO, MLOADU, FMA, ADD, MAX,   \
                          MSTOREU)                                                               \
     static inline __attribute__((always_inline)) VT NAME##_finish(VT v, const T *d, MASKT m,    \
                                                                   int first, const T *bias,     \
@@ -476,44 +476,52 @@ typedef struct {
     static void NAME(long kc, const T *restrict Ap, long a_rs, long a_ks, const T *B0,          \
                      const int *boff, int ncols, T *C, long ldc, const fo_seg *seg, int nseg,   \
                      int mr, int first, const T *bias, int relu) {                              \
-        VT c0[MR], c1[MR];                                                                      \
+        VT acc[MR][NV];                                                                         \
         const T *ar[MR];                                                                        \
+        MASKT m[NV];                                                                            \
         _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                                  \
-            c0[i] = c1[i] = ZERO();                                                             \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = ZERO();            \
             ar[i] = Ap + (long)(i < mr ? i : mr - 1) * a_rs;                                    \
         }                                                                                       \
-        MASKT m0 = BITS(0, ncols), m1 = BITS(0, ncols - L);                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) m[v] = BITS(0, ncols - v * L);    \
         for (long p = 0; p < kc; p++) {                                                         \
             const T *bp = B0 + boff[p];                                                         \
-            VT b0 = MLOADU(m0, bp), b1 = MLOADU(m1, bp + L);                                    \
+            VT b[NV];                                                                           \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = MLOADU(m[v], bp + v * L); \
             _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                              \
                 VT a = SET1(ar[i][p * a_ks]);                                                   \
-                c0[i] = FMA(a, b0, c0[i]);                                                      \
-                c1[i] = FMA(a, b1, c1[i]);                                                      \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                            \
+                    acc[i][v] = FMA(a, b[v], acc[i][v]);                                        \
             }                                                                                   \
         }                                                                                       \
-        /* i unrolled (constant register indices: a runtime index would put c0/c1 on the   \
-         * stack for the whole k loop). */                                                      \
+        /* i and v unrolled (constant register indices: a runtime index would put the       \
+         * accumulators on the stack for the whole k loop). */                                  \
         _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                                  \
             if (i >= mr) break;                                                                 \
             for (int g = 0; g < nseg; g++) {                                                    \
-                MASKT s0 = BITS(seg[g].lo, seg[g].hi), s1 = BITS(seg[g].lo - L, seg[g].hi - L); \
                 T *d = C + (long)i * ldc + seg[g].dest - seg[g].lo; /* lane l -> d + l */       \
-                if (s0) MSTOREU(d, s0, NAME##_finish(c0[i], d, s0, first, bias, i, relu));      \
-                if (s1)                                                                         \
-                    MSTOREU(d + L, s1,                                                          \
-                            NAME##_finish(c1[i], d + L, s1, first, bias, i, relu));             \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                          \
+                    MASKT sv = BITS(seg[g].lo - v * L, seg[g].hi - v * L);                      \
+                    if (sv)                                                                     \
+                        MSTOREU(d + v * L, sv,                                                  \
+                                NAME##_finish(acc[i][v], d + v * L, sv, first, bias, i, relu)); \
+                }                                                                               \
             }                                                                                   \
         }                                                                                       \
     }
-FO_DEFINE_DIRECT(fo_ukernel_f_direct, float, __m512, 16, FO_MR_F, __mmask16, fo_bits16,
-                 _mm512_set1_ps, _mm512_setzero_ps, _mm512_maskz_loadu_ps, _mm512_fmadd_ps,
-                 _mm512_add_ps, _mm512_max_ps, _mm512_mask_storeu_ps)
-FO_DEFINE_DIRECT(fo_ukernel_d_direct, double, __m512d, 8, FO_MR_D, __mmask8, fo_bits8,
-                 _mm512_set1_pd, _mm512_setzero_pd, _mm512_maskz_loadu_pd, _mm512_fmadd_pd,
-                 _mm512_add_pd, _mm512_max_pd, _mm512_mask_storeu_pd)
+/* Vectors of columns per tile (NR = 2 x 16 floats, as fo_ukernel_*). 3 (8 x 48, 24
+ * accumulators) measured +3 % on res3 3x3 C128 28x28 but -5 % / -28 % on res4 / res5
+ * (14x14 / 7x7 outputs: more padded columns), 1 thread, so 2 it is. */
+#define FO_DIRECT_NV 2
+FO_DEFINE_DIRECT(fo_ukernel_f_direct, float, __m512, 16, FO_MR_F, FO_DIRECT_NV, __mmask16,
+                 fo_bits16, _mm512_set1_ps, _mm512_setzero_ps, _mm512_maskz_loadu_ps,
+                 _mm512_fmadd_ps, _mm512_add_ps, _mm512_max_ps, _mm512_mask_storeu_ps)
+FO_DEFINE_DIRECT(fo_ukernel_d_direct, double, __m512d, 8, FO_MR_D, FO_DIRECT_NV, __mmask8,
+                 fo_bits8, _mm512_set1_pd, _mm512_setzero_pd, _mm512_maskz_loadu_pd,
+                 _mm512_fmadd_pd, _mm512_add_pd, _mm512_max_pd, _mm512_mask_storeu_pd)
 #else
 #define FO_HAVE_DIRECT 0
+#define FO_DIRECT_NV 2
 static void fo_ukernel_f_direct(long kc, const float *Ap, long a_rs, long a_ks, const float *B0,
                                 const int *boff, int ncols, float *C, long ldc,
                                 const fo_seg *seg, int nseg, int mr, int first,
