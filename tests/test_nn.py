@@ -210,7 +210,8 @@ def test_graph_tunes_on_first_run_when_enabled(monkeypatch, rng):
     graph = fnn.compile(fnn.Sequential(conv(rng, 3, 4, 3, padding=1), fnn.ReLU()))
     x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
     tuned = tuning.tune(graph, x)
-    assert len(tuned) == 1 and next(iter(tuned)).startswith("conv2d_bias_relu|float32|cpu")
+    layers = [k for k in tuned if not k.startswith("graph|")]  # + an end-to-end decision
+    assert len(layers) == 1 and layers[0].startswith("conv2d_bias_relu|float32|cpu")
     assert tuning.tune(graph, x) == {}  # cached now: nothing re-timed
     assert graph.kernels()["0_conv2d"].startswith("conv2d_bias_relu/")
 
