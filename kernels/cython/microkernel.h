@@ -463,8 +463,8 @@ typedef struct {
 
 #if FO_X86 && defined(__AVX512F__)
 #define FO_HAVE_DIRECT 1
-#define FO_DEFINE_DIRECT(NAME, T, VT, L, MR, NV, MASKT, BITS, SET1, ZERO, MLOADU, FMA, ADD, MAX,   \
-                         MSTOREU)                                                               \
+#define FO_DEFINE_DIRECT(NAME, T, VT, L, MR, NV, MASKT, BITS, SET1, ZERO, LOADU, MLOADU, FMA, ADD, \
+                         MAX, MSTOREU)                                                          \
     static inline __attribute__((always_inline)) VT NAME##_finish(VT v, const T *d, MASKT m,    \
                                                                   int first, const T *bias,     \
                                                                   int i, int relu) {            \
@@ -472,6 +472,21 @@ typedef struct {
         if (bias) v = ADD(v, SET1(bias[i]));                                                    \
         if (relu) v = MAX(ZERO(), v); /* max(0, NaN) = NaN */                                   \
         return v;                                                                               \
+    }                                                                                           \
+    static inline __attribute__((always_inline)) void NAME##_loop(                              \
+        const int masked, long kc, const T **ar, long a_ks, const T *B0, const int *boff,       \
+        const MASKT *m, VT (*acc)[NV]) {                                                        \
+        for (long p = 0; p < kc; p++) {                                                         \
+            const T *bp = B0 + boff[p];                                                         \
+            VT b[NV];                                                                           \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                                \
+                b[v] = masked ? MLOADU(m[v], bp + v * L) : LOADU(bp + v * L);                   \
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                              \
+                VT a = SET1(ar[i][p * a_ks]);                                                   \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                            \
+                    acc[i][v] = FMA(a, b[v], acc[i][v]);                                        \
+            }                                                                                   \
+        }                                                                                       \
     }                                                                                           \
     static void NAME(long kc, const T *restrict Ap, long a_rs, long a_ks, const T *B0,          \
                      const int *boff, int ncols, T *C, long ldc, const fo_seg *seg, int nseg,   \
@@ -484,16 +499,10 @@ typedef struct {
             ar[i] = Ap + (long)(i < mr ? i : mr - 1) * a_rs;                                    \
         }                                                                                       \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) m[v] = BITS(0, ncols - v * L);    \
-        for (long p = 0; p < kc; p++) {                                                         \
-            const T *bp = B0 + boff[p];                                                         \
-            VT b[NV];                                                                           \
-            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = MLOADU(m[v], bp + v * L); \
-            _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                              \
-                VT a = SET1(ar[i][p * a_ks]);                                                   \
-                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                            \
-                    acc[i][v] = FMA(a, b[v], acc[i][v]);                                        \
-            }                                                                                   \
-        }                                                                                       \
+        if (ncols == NV * L) /* full tile: plain unaligned loads */                             \
+            NAME##_loop(0, kc, ar, a_ks, B0, boff, m, acc);                                     \
+        else                                                                                    \
+            NAME##_loop(1, kc, ar, a_ks, B0, boff, m, acc);                                     \
         /* i and v unrolled (constant register indices: a runtime index would put the       \
          * accumulators on the stack for the whole k loop). */                                  \
         _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                                  \
@@ -514,10 +523,10 @@ typedef struct {
  * (14x14 / 7x7 outputs: more padded columns), 1 thread, so 2 it is. */
 #define FO_DIRECT_NV 2
 FO_DEFINE_DIRECT(fo_ukernel_f_direct, float, __m512, 16, FO_MR_F, FO_DIRECT_NV, __mmask16,
-                 fo_bits16, _mm512_set1_ps, _mm512_setzero_ps, _mm512_maskz_loadu_ps,
+                 fo_bits16, _mm512_set1_ps, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps,
                  _mm512_fmadd_ps, _mm512_add_ps, _mm512_max_ps, _mm512_mask_storeu_ps)
 FO_DEFINE_DIRECT(fo_ukernel_d_direct, double, __m512d, 8, FO_MR_D, FO_DIRECT_NV, __mmask8,
-                 fo_bits8, _mm512_set1_pd, _mm512_setzero_pd, _mm512_maskz_loadu_pd,
+                 fo_bits8, _mm512_set1_pd, _mm512_setzero_pd, _mm512_loadu_pd, _mm512_maskz_loadu_pd,
                  _mm512_fmadd_pd, _mm512_add_pd, _mm512_max_pd, _mm512_mask_storeu_pd)
 #else
 #define FO_HAVE_DIRECT 0
