@@ -210,30 +210,35 @@ def test_depthwise_register_path_every_width(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_stride1_direct_path_paddings_and_image_blocks(dtype, rng):
-    """Stride-1 convs read B in place from a zero-padded copy of the image (gemm.pxi kind
-    2): every padding side alone (incl. none at the bottom with some on the left), dilation,
-    groups, more than KC reduction rows, outputs narrower than a tile, and small outputs
-    whose tasks span several images (with the fused epilogue)."""
+def test_direct_path_paddings_strides_and_image_blocks(dtype, rng):
+    """Convs read B in place from a zero-padded copy of the image split into stride phases
+    (gemm.pxi kind 2): every padding side alone (incl. none at the bottom with some on the
+    left), strides 1-3 with dilation, groups, more than KC reduction rows, outputs narrower
+    than a tile, and small outputs whose tasks span several images (with the fused
+    epilogue)."""
     from fastops.validation import ConvParams
 
     fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
-    cases = [  # x shape, w shape, (top, bottom, left, right), dilation, groups
-        ((2, 3, 6, 7), (5, 3, 3, 3), (0, 0, 2, 1), (1, 1), 1),
-        ((1, 4, 5, 5), (9, 4, 3, 2), (1, 0, 0, 0), (1, 1), 1),
-        ((3, 4, 9, 8), (6, 2, 3, 3), (2, 1, 0, 3), (2, 1), 2),
-        ((1, 30, 4, 4), (10, 30, 3, 3), (1, 1, 1, 1), (1, 1), 1),  # 270 rows: 2 KC blocks
-        ((40, 5, 3, 3), (17, 5, 3, 3), (1, 1, 1, 1), (1, 1), 1),  # 40 images, 9-pixel outputs
-        ((2, 6, 1, 1), (8, 6, 1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1 in place, one pixel
+    cases = [  # x shape, w shape, (top, bottom, left, right), dilation, groups, stride
+        ((2, 3, 6, 7), (5, 3, 3, 3), (0, 0, 2, 1), (1, 1), 1, (1, 1)),
+        ((1, 4, 5, 5), (9, 4, 3, 2), (1, 0, 0, 0), (1, 1), 1, (1, 1)),
+        ((3, 4, 9, 8), (6, 2, 3, 3), (2, 1, 0, 3), (2, 1), 2, (1, 1)),
+        ((1, 30, 4, 4), (10, 30, 3, 3), (1, 1, 1, 1), (1, 1), 1, (1, 1)),  # 2 KC blocks
+        ((40, 5, 3, 3), (17, 5, 3, 3), (1, 1, 1, 1), (1, 1), 1, (1, 1)),  # 40 images of 9 px
+        ((2, 6, 1, 1), (8, 6, 1, 1), (0, 0, 0, 0), (1, 1), 1, (1, 1)),  # 1x1 in place
+        ((1, 3, 23, 22), (9, 3, 7, 7), (3, 2, 3, 3), (1, 1), 1, (2, 2)),  # stem-like phases
+        ((2, 4, 11, 13), (6, 2, 3, 3), (1, 0, 2, 1), (2, 1), 2, (3, 2)),  # odd strides
+        ((1, 8, 9, 9), (5, 8, 1, 1), (0, 0, 0, 0), (1, 1), 1, (2, 2)),  # 1x1 downsampling
+        ((1, 3, 10, 12), (4, 3, 2, 3), (0, 1, 1, 0), (3, 2), 1, (1, 2)),  # dilation > stride
     ]
-    for xs, ws, (pt, pb, pl, pr), (dh, dw), groups in cases:
+    for xs, ws, (pt, pb, pl, pr), (dh, dw), groups, (sh, sw) in cases:
         x = rng.standard_normal(xs).astype(dtype)
         w = rng.standard_normal(ws).astype(dtype)
         bias = rng.standard_normal(ws[0]).astype(dtype)
-        p = ConvParams(1, 1, pt, pb, pl, pr, dh, dw, groups)
+        p = ConvParams(sh, sw, pt, pb, pl, pr, dh, dw, groups)
         xpad = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-        ref = oracle.conv2d(xpad, w, None, 1, 0, (dh, dw), groups)
-        absref = oracle.conv2d(xpad, w, None, 1, 0, (dh, dw), groups, absolute=True)
+        ref = oracle.conv2d(xpad, w, None, (sh, sw), 0, (dh, dw), groups)
+        absref = oracle.conv2d(xpad, w, None, (sh, sw), 0, (dh, dw), groups, absolute=True)
         red = ws[1] * ws[2] * ws[3]
         out = np.full(ref.shape, np.nan, dtype)
         cv.conv2d_tiled(x, w, out, p)

@@ -199,23 +199,36 @@ def conv2d_parallel(x, w, out, p):
 
 
 # ---------------------------------------------------------------------------- 4 tiled
-cdef void pad_planes(const real *x, real *xp, Py_ssize_t planes, Py_ssize_t H, Py_ssize_t W,
-                     Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t pt, Py_ssize_t pl,
-                     Py_ssize_t slack) noexcept nogil:
-    """xp (planes, Hp, Wp) + `slack` zeros = x (planes, H, W) placed at (pt, pl), zeros
-    around: one pass over the image, in parallel over the planes."""
-    cdef Py_ssize_t t, ih
+cdef void pad_phases(const real *x, real *xq, Py_ssize_t planes, Py_ssize_t H, Py_ssize_t W,
+                     int sh, int sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t pt,
+                     Py_ssize_t pl, Py_ssize_t slack) noexcept nogil:
+    """xq (planes, sh, sw, Hq, Wq) + `slack` zeros: phase (a, b) of plane t holds the
+    zero-padded image xp[t, a + sh*i, b + sw*j] (xp = x placed at (pt, pl)). For stride 1
+    that is just the padded plane. One pass over the image, parallel over the planes."""
+    cdef Py_ssize_t t, a, b_, i, j, ih, iw
     cdef real *row
+    cdef const real *src
     for t in prange(planes, schedule="static"):
-        for ih in range(Hp):
-            row = xp + (t * Hp + ih) * Wp
-            if ih < pt or ih >= pt + H:
-                memset(row, 0, Wp * sizeof(real))
-            else:
-                memset(row, 0, pl * sizeof(real))
-                memcpy(row + pl, x + (t * H + ih - pt) * W, W * sizeof(real))
-                memset(row + pl + W, 0, (Wp - pl - W) * sizeof(real))
-    memset(xp + planes * Hp * Wp, 0, slack * sizeof(real))
+        for a in range(sh):
+            for b_ in range(sw):
+                for i in range(Hq):
+                    row = xq + (((t * sh + a) * sw + b_) * Hq + i) * Wq
+                    ih = a + sh * i - pt
+                    if ih < 0 or ih >= H:
+                        memset(row, 0, Wq * sizeof(real))
+                        continue
+                    src = x + (t * H + ih) * W
+                    if sw == 1:
+                        memset(row, 0, min(pl, Wq) * sizeof(real))
+                        if pl < Wq:
+                            memcpy(row + pl, src, min(W, Wq - pl) * sizeof(real))
+                        if pl + W < Wq:
+                            memset(row + pl + W, 0, (Wq - pl - W) * sizeof(real))
+                    else:
+                        for j in range(Wq):
+                            iw = b_ + sw * j - pl
+                            row[j] = src[iw] if 0 <= iw < W else 0
+    memset(xq + planes * sh * sw * Hq * Wq, 0, slack * sizeof(real))
 
 
 cdef enum:
@@ -224,44 +237,54 @@ cdef enum:
 
 cdef direct_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
                      Geom g, Py_ssize_t pb_, Py_ssize_t pr, real[::1] bias, bint relu):
-    """Stride-1 conv with B read in place from the zero-padded image (gemm.pxi kind 2)."""
+    """Conv with B read in place from the zero-padded image, split into stride phases
+    (gemm.pxi kind 2). With stride (sh, sw) the padded plane is cut into sh x sw phase
+    planes (Hq, Wq), phase (a, b) = rows a, a+sh, ..., columns b, b+sw, ...; tap (r, s)
+    reads phase ((r*dh) % sh, (s*dw) % sw) shifted by ((r*dh) // sh, (s*dw) // sw), so every
+    row of B is again one contiguous run, over the grid j' = oh * Wq + ow."""
     cdef Py_ssize_t red = g.Cg * g.kh * g.kw
     cdef Py_ssize_t Hp = g.H + g.pt + pb_, Wp = g.W + g.pl + pr
-    cdef Py_ssize_t P = g.Ho * g.Wo, Pp = g.Ho * Wp
-    cdef Py_ssize_t slack = (g.kw - 1) * g.dw + 64, q, c, r, s_
+    cdef Py_ssize_t Hq = (Hp + g.sh - 1) // g.sh, Wq = (Wp + g.sw - 1) // g.sw
+    cdef Py_ssize_t plane = g.sh * g.sw * Hq * Wq  # one channel's phase planes
+    cdef Py_ssize_t P = g.Ho * g.Wo, Pp = g.Ho * Wq
+    cdef Py_ssize_t slack = (g.kw - 1) * g.dw // g.sw + 64, q, c, r, s_
     cdef const real *pbias = &bias[0] if bias is not None else NULL
     cdef const real *xsrc = &x[0, 0, 0, 0]
     cdef BSource src
     cdef int status = 0
     cdef int[::1] boff = np.empty(red, dtype=np.int32)
-    cdef real[::1] xp_store
+    cdef real[::1] xq_store
     cdef Py_ssize_t m_block, n_block
-    # Row p = (c, r, s) of B starts at boff[p] in the group's padded planes.
+    # Row p = (c, r, s) of B starts at boff[p] in the group's phase planes.
     for c in range(g.Cg):
         for r in range(g.kh):
             for s_ in range(g.kw):
                 q = (c * g.kh + r) * g.kw + s_
-                boff[q] = <int> (c * Hp * Wp + r * g.dh * Wp + s_ * g.dw)
+                boff[q] = <int> (c * plane
+                                 + ((r * g.dh) % g.sh * g.sw + (s_ * g.dw) % g.sw) * Hq * Wq
+                                 + (r * g.dh) // g.sh * Wq + (s_ * g.dw) // g.sw)
     src.kind = 2
     src.Wo = <int> g.Wo
-    src.Wp = Wp
+    src.Wp = Wq
     src.boff = &boff[0]
-    in_place = (Hp == g.H and Wp == g.W and g.kw == 1)  # nothing to pad, nothing read past
+    # Nothing to pad or split, nothing read past the image: use x itself.
+    in_place = (Hp == g.H and Wp == g.W and g.kw == 1 and g.sh == 1 and g.sw == 1)
     if not in_place:
-        xp_store = np.empty(g.N * g.C * Hp * Wp + slack, dtype=np.asarray(x).dtype)
+        xq_store = np.empty(g.N * g.C * plane + slack, dtype=np.asarray(x).dtype)
         with nogil:
-            pad_planes(xsrc, &xp_store[0], g.N * g.C, g.H, g.W, Hp, Wp, g.pt, g.pl, slack)
-        xsrc = &xp_store[0]
+            pad_phases(xsrc, &xq_store[0], g.N * g.C, g.H, g.W, g.sh, g.sw, Hq, Wq, g.pt,
+                       g.pl, slack)
+        xsrc = &xq_store[0]
     # Small outputs: a task covers several images (enough for ~1024 columns), so a weight
     # block loaded into L2 serves all their tiles.
     src.images_per_task = max(1, min(g.N, DIRECT_COLUMNS // Pp))
-    src.b_image_stride = g.C * Hp * Wp
+    src.b_image_stride = g.C * plane
     src.c_image_stride = g.K * P
     m_block, n_block = _grid(g.Kg, Pp, ((g.N + src.images_per_task - 1) // src.images_per_task)
                              * g.groups, "f" if real is float else "d")
     with nogil:
-        status = gemm_run(&w[0, 0, 0, 0], red, g.Kg, red, Pp, xsrc, g.C * Hp * Wp,
-                          g.Cg * Hp * Wp, &src, &out[0, 0, 0, 0], P, g.K * P, g.Kg * P,
+        status = gemm_run(&w[0, 0, 0, 0], red, g.Kg, red, Pp, xsrc, g.C * plane,
+                          g.Cg * plane, &src, &out[0, 0, 0, 0], P, g.K * P, g.Kg * P,
                           g.Kg * red, pbias, relu, g.N, g.groups, m_block, n_block)
     if status:
         raise MemoryError("conv2d/cython/tiled: could not allocate packing buffers")
@@ -367,9 +390,11 @@ def conv2d_tiled_epilogue(x, w, out, p, bias=None, relu=False):
         else:
             planes_run[double](x, w, out, g, True, bias, relu)
         return
-    if (g.sh == 1 and g.sw == 1 and FO_HAVE_DIRECT and fo_simd_enabled
-            and x.shape[1] * (x.shape[2] + p.pad_top + p.pad_bottom)
-            * (x.shape[3] + p.pad_left + p.pad_right) < 2**31 - 2**20):
+    # The direct path (B read in place from padded phase planes) needs AVX-512 and int32
+    # offsets within one image's planes; otherwise the packed implicit GEMM runs.
+    if (FO_HAVE_DIRECT and fo_simd_enabled
+            and x.shape[1] * (x.shape[2] + p.pad_top + p.pad_bottom + g.sh)
+            * (x.shape[3] + p.pad_left + p.pad_right + g.sw) < 2**31 - 2**20):
         if x.dtype.char == "f":
             direct_gemm_run[float](x, w, out, g, p.pad_bottom, p.pad_right, bias, relu)
         else:
