@@ -10,8 +10,10 @@ dilation, asymmetric zero padding, groups (depthwise included), no bias (the API
                  and the compiler emits packed FMAs.
 3. parallel    - the same, output planes (image, channel) spread over OpenMP threads.
 4. tiled       - implicit GEMM: out[g] (K/g, Ho*Wo) = W[g] (K/g, C/g*kH*kW) @ im2col(x[g]),
-                 where the im2col matrix is never built, only packed block by block straight
-                 from the image into the micro-kernel's NR-column slivers (gemm.pxi).
+                 where the im2col matrix is never built: the micro-kernel reads its rows in
+                 place from a zero-padded copy of the image split into stride phases (each
+                 row of im2col is then one contiguous run), or, without AVX-512, from
+                 slivers packed block by block straight from the image (gemm.pxi).
                  Depthwise convolutions take a direct path (they have no reduction to block).
 
 Every kernel runs with the GIL released; ``def`` wrappers unpack ConvParams and dispatch on
@@ -416,17 +418,27 @@ def conv2d_tiled(x, w, out, p):
     (gemm.pxi + microkernel.h). Per group, out (K/g, Ho*Wo) = W (K/g, C/g*kH*kW) @ B where
     row (c, r, s) / column (oh, ow) of B is x[c, oh*sh - pt + r*dh, ow*sw - pl + s*dw] or 0.
     The weights are not packed: w is already row-major (K, C/g*kH*kW), so the micro-kernel
-    broadcasts from 8 of its rows in place (packing them would add a full pass over the
-    weights per call: 9.4 MB for the 3x3 C512 layer, more than its 49-pixel output needs).
-    B is never materialised: each task packs
-    KC x NC blocks of it straight from the image into NR-column slivers (a row of a sliver is
-    a few contiguous memcpy runs, one per output row it crosses, zero-filled in the padding),
-    then the 8 x 32 register micro-kernel runs on them.
-    Tasks are (image, group, channel block, pixel block), sized by `task_grid` so the 2
-    threads get equal work even for 7 x 7 outputs (split over channels instead of pixels).
-    Why implicit GEMM rather than a direct conv with a blocked channel layout: it reuses the
-    matmul micro-kernel unchanged, needs no re-layout of x or out (NCHW in and out), and
-    packing B costs O(C*kH*kW*Ho*Wo) copies against 2*K times as many FLOPs.
+    broadcasts from 8 of its rows in place (packing them, measured: 1 thread, res4 3x3 C256
+    14x14 94 -> 77 GF/s, res5 C512 7x7 72 -> 43: a full pass over up to 9.4 MB of weights
+    per call costs more than the 8 row streams).
+    B is not materialised either. Each image is copied once into zero-padded planes split
+    by stride phase (`pad_phases`: phase (a, b) holds padded rows a, a+sh, ... and columns
+    b, b+sw, ...), in which row (c, r, s) of B is a single contiguous run starting at
+    boff[c, r, s], over the grid j' = oh * Wq + ow of phase-plane width Wq. The "direct"
+    8 x 32 micro-kernel loads its B vectors from there (no packing), computes the Wq - Wo
+    extra columns of each output row (3-7 % for the ResNet 3x3 layers, 29 % for 7x7
+    outputs) and drops them in a masked, segment-wise write-back.
+    Tasks are (images, group, channel block, pixel block), sized by `task_grid` so the 2
+    threads get equal work even for 7 x 7 outputs; a task spans several images when they
+    are small (~1024 grid columns per task), reusing each weight block from L2.
+    Measured (1 thread, best of 20 calls, fused bias+ReLU, float32, AMD EPYC Zen 4 VM,
+    the two builds run minutes apart on a shared machine):
+    res2 3x3 C64 56x56 85 -> 101 GF/s, res3 C128 28x28 92 -> 96, res4 C256 14x14 88 -> 94,
+    res5 C512 7x7 79 -> 73 (the extra columns), 1x1 C256 56x56 -> K64 97 -> 108, stem 7x7/2
+    C3 224x224 -> K64 74 -> 100, against the earlier packed path (B packed from the image
+    per task) and ~100-117 GF/s for the micro-kernel on data in L1. Without AVX-512 (or with
+    the intrinsics off) the packed path runs: B packed per task into NR-column slivers
+    (runs copied with masked vector loads, zero-filled in the padding).
     Depthwise (one input channel per group) has no reduction to block (C/g * kH * kW = 9
     for 3x3) and is memory bound, so it runs a direct kernel (depthwise.h): each input plane
     is copied once into a zero-padded per-thread buffer, then every output row is computed
@@ -437,9 +449,10 @@ def conv2d_tiled(x, w, out, p):
     the `parallel` stage's row-axpy planes it replaces (one load + store of the output row
     per tap) ran at 0.43x of PyTorch. Strided columns (stride_w > 1) or a build without
     AVX-512 keep those row-axpy planes.
-    Bottleneck removed: arithmetic intensity: each packed element of B feeds MR FMAs from a
+    Bottleneck removed: arithmetic intensity: each loaded vector of B feeds MR FMAs from a
     register, each weight NR FMAs; out is written once per KC block.
-    Still missing: B packing is redone for every channel block of a task grid that splits
-    channels; no prefetching; the 1x1 case still copies x into slivers.
+    Still missing: the micro-kernel runs at ~80-85 % of oneDNN's per-thread rate on these
+    layers (96 vs 114 GF/s on res3, 1 thread); 7x7 outputs waste 23 % of every 32-column
+    tile (oneDNN's NCHW16c direct conv tiles channels instead); no prefetching.
     """
     conv2d_tiled_epilogue(x, w, out, p)

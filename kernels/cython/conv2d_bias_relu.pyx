@@ -17,8 +17,9 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     Changed since `tiled` (+ separate passes): the bias add and the ReLU run in the
     micro-kernel's epilogue, on the MR x NR block of out while it is still in zmm registers,
     on the last KC block only (microkernel.h: add the row's bias, then max(0, v), which keeps
-    NaN like numpy.maximum). The depthwise path applies them to each finished output row
-    while it is in L1.
+    NaN like numpy.maximum), in the masked segment write-back of the direct kernel too. The
+    depthwise kernel (depthwise.h) starts its register accumulators at the bias and applies
+    the ReLU before its one store of each block of output columns.
     Bottleneck removed: two extra sweeps over out (read + write each) that the un-fused
     ladder makes after the conv: for a 64 x 56 x 56 float32 output that is 4 x 0.8 MB of
     memory traffic per image.

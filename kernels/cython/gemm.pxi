@@ -16,8 +16,11 @@
 #             micro-kernel: MR x NR block of C in registers across the kc loop
 #
 # Block sizes, float32 (double: same bytes, NR = 16 doubles):
-#   KC = 256: one B sliver is 256 x 32 x 4 B = 32 KiB, two thirds of the 48 KiB L1d, leaving
-#             room for the A sliver (8 x 256 x 4 B = 8 KiB) streaming past it.
+#   KC = 256: one B sliver is 256 x 32 x 4 B = 32 KiB, two thirds of the 48 KiB L1d (Intel
+#             Emerald Rapids, MACHINE_NOTES.md), leaving room for the A sliver (8 x 256 x 4 B
+#             = 8 KiB) streaming past it. On an AMD EPYC Zen 4 VM (L1d 32 KiB, L2 1 MiB)
+#             KC = 128 measured no better (1 thread: 128x1152x784 matmul 97 vs 100 GF/s,
+#             res3 conv 87 vs 92), so 256 stays.
 #   MC = 256: the A block is 256 x 256 x 4 B = 256 KiB and the B block of a task at most
 #             KC x NC_MAX = 256 x 1024 x 4 B = 1 MiB: together well inside the 2 MiB L2.
 # matmul packs A once for the whole call (read N / NC times from the packed copy). conv2d
@@ -28,6 +31,14 @@
 # B comes either from a row-major matrix (matmul) or straight from an image (conv2d,
 # "implicit GEMM"): row p of B is the tap (c, r, s) and column j the output pixel (oh, ow),
 # so im2col is never materialised, only its KC x NC block, in cache.
+#
+# The conv's main path (kind 2, gemm_task_direct) does not pack B at all: conv2d.pyx copies
+# the image once into zero-padded planes split by stride phase, where every row of B is one
+# contiguous run, and fo_ukernel_*_direct loads its two vectors per k step straight from
+# there (one int offset per row p). Packing from the image had cost 15-35 % of the conv
+# time (measured by skipping the micro-kernel, 1 thread: B packing alone ran at the FLOP
+# equivalent of 250 GF/s on res2 3x3 C64 56x56, 211 on the 7x7/2 stem, against ~100 for
+# the micro-kernel), more than the 3-7 % of extra columns the padded grid computes.
 
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
