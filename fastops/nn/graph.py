@@ -81,14 +81,14 @@ class _PlanContext:
 
         dtype = plan.a.dtype if op == "matmul" else plan.x.dtype
         default = api.choose(op, "cpu", dtype, self.graph.backend)
-        if self._default_only:
-            return default
         tune = self.graph.autotune
         if tune is None:
             tune = tuning.enabled()
-        impl = tuning.choice(op, "cpu", dtype, self.graph.backend, plan, tune=tune) or default
+        if self._default_only or not tune:
+            return default
+        impl = tuning.choice(op, "cpu", dtype, self.graph.backend, plan, tune=True) or default
         self._record.append((tuning.problem_key(op, "cpu", dtype, self.graph.backend, plan),
-                             impl.name, default.name, tune))
+                             impl.name, default.name))
         return impl
 
     def note(self, layer, impl):
@@ -104,7 +104,8 @@ class Graph:
     the result comes back in the same kind.
 
     backend: restrict kernels to one backend (None: the tuner or the default choose).
-    autotune: time kernels per layer shape on the first run (None: unless FASTOPS_AUTOTUNE=0).
+    autotune: on the first run for a shape, use cached per-layer winners and time the layers
+        not cached yet (None: unless FASTOPS_AUTOTUNE=0). False: every layer on its default.
     """
 
     def __init__(self, nodes, output, *, backend=None, autotune=None, optimized=False):
@@ -197,7 +198,7 @@ class Graph:
         the end-to-end check below decides between the tuned plan and the all-default one."""
         record = []
         out, plan = self._plan_and_run(x, record)
-        if any(tuned != default for _key, tuned, default, _t in record):
+        if any(tuned != default for _key, tuned, default in record):
             plan = self._accept(x, plan, record)
         self._plans[self._plan_key(x)] = plan
         return out
@@ -213,7 +214,7 @@ class Graph:
 
         from .. import tuning
 
-        signature = hashlib.sha1(repr(sorted((k, t) for k, t, _d, _ in record)).encode())
+        signature = hashlib.sha1(repr(sorted((k, t) for k, t, _d in record)).encode())
         key = f"graph|{signature.hexdigest()[:16]}"
         session = tuning._session.get()
         entry = tuning._load().get(key)
@@ -222,8 +223,6 @@ class Graph:
             if entry.get("use") == "tuned":
                 return tuned_plan
             return self._plan_and_run(x, [], default_only=True)[1]
-        if not any(t for *_rest, t in record):  # cached per-layer winners, timing not allowed
-            return tuned_plan
         tuned_names = dict(self._chosen)
         _out, default_plan = self._plan_and_run(x, [], default_only=True)
         measure = tuning.measure_with()
