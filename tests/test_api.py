@@ -160,3 +160,28 @@ def test_matches_torch_semantics_when_installed(rng):
                            groups=2, **kw).numpy()
             assert got.shape == ref.shape, (kw, kh, kwid)
             np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["matmul", "conv2d", "conv2d_bias_relu"])
+def test_read_only_inputs(op, rng):
+    """Read-only buffers (np.load(mmap_mode='r'), broadcast views, frozen weights) work."""
+    for impl in cpu_impls(op):
+        if op == "matmul":
+            a = rng.standard_normal((9, 13)).astype(np.float32)
+            b = rng.standard_normal((13, 7)).astype(np.float32)
+            a.setflags(write=False)
+            b.setflags(write=False)
+            got = fastops.matmul(a, b, backend=impl.backend, stage=impl.stage)
+            assert_close(got, oracle.matmul(a, b), oracle.matmul(np.abs(a), np.abs(b)), 13,
+                         np.float32, impl.name)
+            continue
+        x = rng.standard_normal((1, 3, 7, 6)).astype(np.float32)
+        w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+        bias = rng.standard_normal(4).astype(np.float32)
+        for arr in (x, w, bias):
+            arr.setflags(write=False)
+        relu = op == "conv2d_bias_relu"
+        got = getattr(fastops, op)(x, w, bias, padding=1, backend=impl.backend, stage=impl.stage)
+        assert_close(got, oracle.conv2d(x, w, bias, padding=1, relu=relu),
+                     oracle.conv2d(x, w, bias, padding=1, absolute=True), 28, np.float32,
+                     impl.name)

@@ -115,7 +115,8 @@ cdef void naive_core(const real *x, const real *w, real *out, const Geom *g) noe
                     out[((n * g.K + k) * g.Ho + oh) * g.Wo + ow] = acc
 
 
-cdef void naive_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
+cdef void naive_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
+                    real[:, :, :, ::1] out,
                     Geom g):
     with nogil:
         naive_core(&x[0, 0, 0, 0], &w[0, 0, 0, 0], &out[0, 0, 0, 0], &g)
@@ -142,8 +143,9 @@ def conv2d_naive(x, w, out, p):
 
 
 # ---------------------------------------------------------------------------- 2 vectorized
-cdef void planes_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
-                     Geom g, bint threads, real[::1] bias, bint relu):
+cdef void planes_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
+                    real[:, :, :, ::1] out,
+                     Geom g, bint threads, const real[::1] bias, bint relu):
     """Every output plane by `plane_direct`; planes on one thread or over the OpenMP team."""
     cdef Py_ssize_t t
     cdef const real *px = &x[0, 0, 0, 0]
@@ -237,8 +239,9 @@ cdef enum:
     DIRECT_COLUMNS = 1024  # padded-grid columns per task the image blocking aims at
 
 
-cdef direct_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
-                     Geom g, Py_ssize_t pb_, Py_ssize_t pr, real[::1] bias, bint relu):
+cdef direct_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
+                    real[:, :, :, ::1] out,
+                     Geom g, Py_ssize_t pb_, Py_ssize_t pr, const real[::1] bias, bint relu):
     """Conv with B read in place from the zero-padded image, split into stride phases
     (gemm.pxi kind 2). With stride (sh, sw) the padded plane is cut into sh x sw phase
     planes (Hq, Wq), phase (a, b) = rows a, a+sh, ..., columns b, b+sw, ...; tap (r, s)
@@ -292,8 +295,9 @@ cdef direct_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, :
         raise MemoryError("conv2d/cython/tiled: could not allocate packing buffers")
 
 
-cdef implicit_gemm_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
-                       Geom g, real[::1] bias, bint relu, Py_ssize_t m_block,
+cdef implicit_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
+                    real[:, :, :, ::1] out,
+                       Geom g, const real[::1] bias, bint relu, Py_ssize_t m_block,
                        Py_ssize_t n_block):
     cdef Py_ssize_t red = g.Cg * g.kh * g.kw  # GEMM K: one row of B per (channel, tap)
     cdef Py_ssize_t P = g.Ho * g.Wo  # GEMM N: output pixels of one image
@@ -336,8 +340,9 @@ cdef extern from "depthwise.h" nogil:
                         double *buf)
 
 
-cdef depthwise_run(real[:, :, :, ::1] x, real[:, :, :, ::1] w, real[:, :, :, ::1] out,
-                   Geom g, real[::1] bias, bint relu):
+cdef depthwise_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
+                    real[:, :, :, ::1] out,
+                   Geom g, const real[::1] bias, bint relu):
     """Depthwise with the register-accumulating plane kernel of depthwise.h: one task per
     (image, group), i.e. one padded input plane shared by the group's Kg output planes."""
     cdef Py_ssize_t t, n, grp

@@ -58,7 +58,7 @@ cdef void naive_core(const real *a, const real *b, real *out, Py_ssize_t M, Py_s
             out[i * N + j] = acc
 
 
-cdef void naive_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out):
+cdef void naive_run(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out):
     with nogil:
         naive_core(&a[0, 0], &b[0, 0], &out[0, 0], a.shape[0], a.shape[1], b.shape[1])
 
@@ -82,7 +82,7 @@ def matmul_naive(a, b, out):
 
 
 # ---------------------------------------------------------------------------- 2 vectorized
-cdef void vectorized_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out):
+cdef void vectorized_run(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out):
     with nogil:
         rows_axpy(&a[0, 0], &b[0, 0], &out[0, 0], a.shape[1], b.shape[1], 0, a.shape[0], 0,
                   b.shape[1])
@@ -113,7 +113,7 @@ cdef enum:
     ROW_BLOCK = 8  # rows per OpenMP chunk: a few rows, so 2 threads get balanced work
 
 
-cdef void parallel_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out):
+cdef void parallel_run(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out):
     cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = b.shape[1], blk
     cdef const real *pa = &a[0, 0]
     cdef const real *pb = &b[0, 0]
@@ -160,7 +160,7 @@ cdef extern from "microkernel.h" nogil:
                      double *C, long ldc, long nc)
 
 
-cdef void skinny_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out):
+cdef void skinny_run(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out):
     """M < MR (e.g. one input row, a GEMV): no packing. Packing B would copy all of it to use
     each element M times, and an MR-row micro-tile would be mostly padding.
     M = 1: the columns are split into one contiguous chunk per thread (more when N > threads
@@ -204,7 +204,7 @@ cdef void skinny_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out):
                           min(N, (ch + 1) * SKINNY_COLUMNS))
 
 
-cdef tiled_run(real[:, ::1] a, real[:, ::1] b, real[:, ::1] out, Py_ssize_t m_block,
+cdef tiled_run(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out, Py_ssize_t m_block,
                Py_ssize_t n_block):
     cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = b.shape[1]
     cdef BSource src
