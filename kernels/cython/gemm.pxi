@@ -354,6 +354,9 @@ cdef void gemm_task_direct(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize
     Columns are the padded pixel grid; the write-back segments are recomputed per tile.
     A is the weights, read in place (lda > 0)."""
     cdef int MR = mr_of(c), NR = FO_DIRECT_NV * (64 // sizeof(real))
+    # Row blocks hold whole MR slivers: the micro-kernel steps MR rows at a time and must not
+    # cross into the next block (MR = 6 on AVX2 does not divide MC = 256).
+    cdef Py_ssize_t mc = (MC // MR) * MR
     cdef Py_ssize_t pb, pc, kc, ib, ic, iend, j0, ir, ncols, img
     cdef const real *bi
     cdef real *ci
@@ -364,9 +367,9 @@ cdef void gemm_task_direct(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize
         kc = min(KC_DIRECT, K - pc)
         first = pc == 0
         last = pc + kc == K
-        for ib in range((m1 - m0 + MC - 1) // MC):
-            ic = m0 + ib * MC
-            iend = min(ic + MC, m1)
+        for ib in range((m1 - m0 + mc - 1) // mc):
+            ic = m0 + ib * mc
+            iend = min(ic + mc, m1)
             for img in range(images):
                 bi = b + img * src.b_image_stride
                 ci = c + img * src.c_image_stride
@@ -402,6 +405,8 @@ cdef void gemm_task(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t 
     stride lda, read in place by the micro-kernel (8 unit-stride row streams)."""
     cdef int MR = mr_of(bpack), NR = nr_of(bpack)
     cdef Py_ssize_t Mpad = round_up(M, MR)
+    # Row blocks hold whole MR slivers, so a block starts on a packed sliver (see above).
+    cdef Py_ssize_t mc = (MC // MR) * MR
     cdef Py_ssize_t pb, pc, kc, ib, ic, iend, jr, ir, nsl = (n1 - n0 + NR - 1) // NR
     cdef int first, last
     cdef const real *ap
@@ -411,9 +416,9 @@ cdef void gemm_task(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t 
         first = pc == 0
         last = pc + kc == K
         pack_b(b, src, pc, kc, n0, n1, bpack)
-        for ib in range((m1 - m0 + MC - 1) // MC):
-            ic = m0 + ib * MC
-            iend = min(ic + MC, m1)
+        for ib in range((m1 - m0 + mc - 1) // mc):
+            ic = m0 + ib * mc
+            iend = min(ic + mc, m1)
             for jr in range(nsl):
                 ir = ic
                 while ir < iend:
