@@ -230,7 +230,7 @@ def tune_problem(op: str, device: str, dtype, backend: str | None, plan, *, meas
 
         measure = measure or measure_with(sync=cupy.cuda.Device().synchronize)
     measure = measure or measure_with()
-    load = _busy_warning()
+    start = _cpu_snapshot()
     flops = _flops(op, plan)
     cands = candidates(op, device, dtype, backend, flops)
     by_label = dict(cands)
@@ -246,32 +246,57 @@ def tune_problem(op: str, device: str, dtype, backend: str | None, plan, *, meas
     entry = {"backend": impl.backend, "stage": impl.stage,
              "variant": _variant_of(winner), "default": cands[0][0],
              "medians_s": medians, "candidates": sorted(by_label), "gflops": flops / 1e9,
-             "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "loadavg": load}
-    _store({key: entry})
+             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    entry["others_cpu"] = others = others_cpu(start)
+    _store({key: entry}, persist=not busy(others))
     session = _session.get()
     if session is not None:
         session[key] = winner
     return impl
 
 
+BUSY_CPUS = 0.25  # other processes using more than this many CPUs on average = a busy machine
 _warned_busy = False
 
 
-def _busy_warning():
-    """The 1-minute load average; warn once per process if other work fills the cores, since
-    then multi-threaded kernels stall on descheduled threads and single-threaded ones win
-    timings they would lose on a quiet machine (re-tune later with ``retune=True``)."""
-    global _warned_busy
+def _cpu_snapshot():
+    """(wall s, CPU-seconds used by the whole machine, CPU-seconds used by this process), from
+    /proc/stat and os.times(); None where /proc/stat does not exist (not Linux)."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on Windows
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
-    if load > (os.cpu_count() or 1) and not _warned_busy:
+    mine = os.times()
+    return time.perf_counter(), busy, mine.user + mine.system
+
+
+def others_cpu(start) -> float | None:
+    """Average number of CPUs other processes used since the ``_cpu_snapshot()`` ``start``
+    (None if unknown, or if under 0.2 s passed: /proc/stat counts in 10 ms ticks)."""
+    end = _cpu_snapshot()
+    if start is None or end is None or end[0] - start[0] < 0.2:
+        return None
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
+
+
+def busy(others) -> bool:
+    """Whether timings taken while other processes used ``others`` CPUs should not be kept.
+
+    On a busy machine multi-threaded kernels stall on descheduled threads and single-threaded
+    ones win timings they lose on a quiet machine (seen here: a ResNet-18 tuned under load ran
+    3.4x slower once the machine was quiet). Such results are used by this process only, not
+    written to the cache, with a warning (once per process)."""
+    global _warned_busy
+    if others is None or others <= BUSY_CPUS:
+        return False
+    if not _warned_busy:
         _warned_busy = True
-        warnings.warn(f"fastops tuning: the machine is busy (load average {load:.1f} on "
-                      f"{os.cpu_count()} CPUs); timings and the chosen kernels may not hold on "
-                      "a quiet machine", RuntimeWarning, stacklevel=4)
-    return round(load, 2)
+        warnings.warn(f"fastops tuning: other processes used {others:.1f} CPUs while timing; "
+                      "the results are used by this process but not cached (tune again on a "
+                      "quiet machine)", RuntimeWarning, stacklevel=4)
+    return True
 
 
 def _variant_of(label: str):
@@ -490,9 +515,13 @@ def _read(path: Path) -> dict:
 def _load() -> dict:
     path = cache_path()
     with _memory_lock:
-        if path not in _memory:
-            _memory[path] = _read(path)
-        return _memory[path]
+        return _load_locked(path)
+
+
+def _load_locked(path) -> dict:
+    if path not in _memory:
+        _memory[path] = _read(path)
+    return _memory[path]
 
 
 @contextlib.contextmanager
@@ -511,13 +540,16 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _store(new_entries: dict) -> None:
+def _store(new_entries: dict, persist: bool = True) -> None:
     """Merge entries into the cache file: lock, re-read (other processes may have written),
     merge, write a temp file in the same directory and ``os.replace`` it over the old one, so a
-    reader sees the old file or the new one, never half of one. Failures only warn."""
+    reader sees the old file or the new one, never half of one. Failures only warn.
+    ``persist=False``: keep them in this process's memory only."""
     path = cache_path()
     with _memory_lock:
-        _memory.setdefault(path, {}).update(new_entries)
+        _load_locked(path).update(new_entries)
+    if not persist:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(path):

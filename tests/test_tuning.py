@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ from fastops.validation import check_conv2d
 def private_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTOPS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FASTOPS_AUTOTUNE", "1")
-    monkeypatch.setattr("fastops.tuning._warned_busy", True)  # no "machine busy" warning
+    monkeypatch.setattr("fastops.tuning.others_cpu", lambda start: None)  # load: unknown
     return tmp_path / "cache"
 
 
@@ -239,3 +240,27 @@ def test_tile_variants_are_candidates(monkeypatch, rng):
     tuning._store({key: {"backend": "numpy", "stage": "tiles", "variant": "t16"}})
     chosen = api.choose("conv2d", "cpu", np.float32, backend="numpy", plan=plan)
     assert chosen.stage == "tiles" and chosen.kernel is impl.kernel.variants["t16"]
+
+
+def test_timings_from_a_busy_machine_are_not_cached(monkeypatch, rng):
+    monkeypatch.setattr(tuning, "_warned_busy", False)
+    monkeypatch.setattr(tuning, "others_cpu", lambda start: 1.5)  # another process took 1.5 CPUs
+    _x, _w, plan = conv_problem(rng)
+    with pytest.warns(RuntimeWarning, match="not cached"):
+        impl = tuning.tune_problem("conv2d", "cpu", np.float32, None, plan,
+                                   measure=lambda run, reps: [1.0] * reps)
+    key = tuning.problem_key("conv2d", "cpu", np.float32, None, plan)
+    assert tuning._load()[key]["stage"] == impl.stage  # this process uses it ...
+    assert not tuning.cache_path().exists()  # ... but it is not written for the next one
+    assert key not in tuning.cache_info()["entries"]
+
+
+def test_others_cpu_measures_other_processes_only():
+    start = tuning._cpu_snapshot()
+    if start is None:
+        pytest.skip("no /proc/stat here")
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # this process busy: must not count as "others"
+        pass
+    others = tuning.others_cpu(start)
+    assert others is not None and others < 2.0

@@ -224,15 +224,18 @@ class Graph:
                 return tuned_plan
             return self._plan_and_run(x, [], default_only=True)[1]
         tuned_names = dict(self._chosen)
+        start = tuning._cpu_snapshot()
         _out, default_plan = self._plan_and_run(x, [], default_only=True)
         measure = tuning.measure_with()
         runs = {"tuned": lambda: self._execute(tuned_plan, x),
                 "default": lambda: self._execute(default_plan, x)}
         winner, medians = tuning.select(["default", "tuned"], runs.get, measure, reps=5,
                                         prune=float("inf"))
+        others = tuning.others_cpu(start)
         tuning._store({key: {"backend": "graph", "stage": winner, "use": winner,
-                             "medians_s": medians, "layers": len(record),
-                             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+                             "medians_s": medians, "layers": len(record), "others_cpu": others,
+                             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}},
+                      persist=not tuning.busy(others))
         if session is not None:
             session[key] = winner
         if winner == "tuned":
