@@ -81,8 +81,8 @@ def cython_extensions():
 
 
 setup(
-    packages=["fastops", "fastops.kernels", "fastops.kernels.numba", "fastops.kernels.cython",
-              "fastops.kernels.cuda"],
+    packages=["fastops", "fastops.bench", "fastops.nn", "fastops.kernels", "fastops.kernels.numba",
+              "fastops.kernels.cython", "fastops.kernels.cuda"],
     package_dir={"fastops.kernels": "kernels"},
     package_data={"fastops.kernels.cuda": ["*.cu", "*.cuh"],
                   "fastops.kernels.cython": ["*.pyx", "*.pxd", "*.pxi", "*.h"]},

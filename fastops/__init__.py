@@ -5,6 +5,7 @@ Cython on the CPU and CUDA C (through CuPy) on the GPU. ``fastops.implementation
 this machine has.
 """
 from .api import conv2d, conv2d_bias_relu, implementations, matmul
+from .tuning import tune
 
 __version__ = "0.1.0"
-__all__ = ["matmul", "conv2d", "conv2d_bias_relu", "implementations", "__version__"]
+__all__ = ["matmul", "conv2d", "conv2d_bias_relu", "implementations", "tune", "__version__"]
