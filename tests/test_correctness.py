@@ -56,9 +56,17 @@ def make_conv(case, dtype, rng):
     return x, wt, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-def conv_flops(x, wt, kw):
+def conv_problem(impl, case, dtype, rng):
+    """Inputs of a CONV_CASES case, skipping stages limited to smaller problems.
+
+    Returns x, w, bias, the conv keyword arguments, and the reduction length per output
+    (C/groups * kH * kW, +1 for the bias term) that scales the error bound.
+    """
+    x, wt, bias, kw = make_conv(case, dtype, rng)
     plan = check_conv2d(x, wt, None, **kw)
-    return conv2d_flops(x.shape, wt.shape, plan.out_shape)
+    if too_big(impl, conv2d_flops(x.shape, wt.shape, plan.out_shape)):
+        pytest.skip(f"{impl.name} is limited to {impl.max_flops:.0e} FLOPs")
+    return x, wt, bias, kw, wt[0].size + 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -79,10 +87,7 @@ def test_matmul_matches_oracle(impl, shape, dtype, rng):
 @pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
 @pytest.mark.parametrize("impl", cpu_impls("conv2d"), ids=impl_id)
 def test_conv2d_matches_oracle(impl, case, dtype, rng):
-    x, wt, bias, kw = make_conv(case, dtype, rng)
-    if too_big(impl, conv_flops(x, wt, kw)):
-        pytest.skip(f"{impl.name} is limited to {impl.max_flops:.0e} FLOPs")
-    reduction = wt.shape[1] * wt.shape[2] * wt.shape[3] + 1
+    x, wt, bias, kw, reduction = conv_problem(impl, case, dtype, rng)
     for b in (None, bias):
         got = fastops.conv2d(x, wt, b, **kw, backend=impl.backend, stage=impl.stage)
         assert_close(got, oracle.conv2d(x, wt, b, **kw),
@@ -93,10 +98,7 @@ def test_conv2d_matches_oracle(impl, case, dtype, rng):
 @pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
 @pytest.mark.parametrize("impl", cpu_impls("conv2d_bias_relu"), ids=impl_id)
 def test_conv2d_bias_relu_matches_oracle(impl, case, dtype, rng):
-    x, wt, bias, kw = make_conv(case, dtype, rng)
-    if too_big(impl, conv_flops(x, wt, kw)):
-        pytest.skip(f"{impl.name} is limited to {impl.max_flops:.0e} FLOPs")
-    reduction = wt.shape[1] * wt.shape[2] * wt.shape[3] + 1
+    x, wt, bias, kw, reduction = conv_problem(impl, case, dtype, rng)
     got = fastops.conv2d_bias_relu(x, wt, bias, **kw, backend=impl.backend, stage=impl.stage)
     ref = oracle.conv2d(x, wt, bias, **kw, relu=True)
     if ref.size >= 16:
