@@ -209,10 +209,12 @@ def test_depthwise_register_path_every_width(dtype, rng):
         check_conv(fused, x, w, 1, 1, 1, 3, bias, what=f"dw width {wo} fused")
 
 
+@pytest.mark.parametrize("dense", [None, False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_direct_path_paddings_strides_and_image_blocks(dtype, rng):
+def test_direct_path_paddings_strides_and_image_blocks(dtype, dense, rng):
     """Convs read B in place from a zero-padded copy of the image split into stride phases
-    (gemm.pxi kind 2): every padding side alone (incl. none at the bottom with some on the
+    (gemm.pxi kind 2), or copy its dense columns from there (kind 3, forced or chosen by
+    use_dense): every padding side alone (incl. none at the bottom with some on the
     left), strides 1-3 with dilation, groups, more than KC reduction rows, outputs narrower
     than a tile, and small outputs whose tasks span several images (with the fused
     epilogue)."""
@@ -230,7 +232,21 @@ def test_direct_path_paddings_strides_and_image_blocks(dtype, rng):
         ((2, 4, 11, 13), (6, 2, 3, 3), (1, 0, 2, 1), (2, 1), 2, (3, 2)),  # odd strides
         ((1, 8, 9, 9), (5, 8, 1, 1), (0, 0, 0, 0), (1, 1), 1, (2, 2)),  # 1x1 downsampling
         ((1, 3, 10, 12), (4, 3, 2, 3), (0, 1, 1, 0), (3, 2), 1, (1, 2)),  # dilation > stride
+        ((3, 8, 5, 5), (140, 8, 3, 3), (1, 1, 1, 1), (1, 1), 1, (1, 1)),  # auto: dense
+        ((2, 4, 7, 6), (272, 2, 3, 3), (1, 0, 2, 1), (1, 2), 2, (2, 1)),  # dense, 2 groups
     ]
+    previous = cv.dense_override
+    cv.dense_override = dense
+    try:
+        run_direct_cases(cases, dtype, rng)
+    finally:
+        cv.dense_override = previous
+
+
+def run_direct_cases(cases, dtype, rng):
+    from fastops.validation import ConvParams
+
+    fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
     for xs, ws, (pt, pb, pl, pr), (dh, dw), groups, (sh, sw) in cases:
         x = rng.standard_normal(xs).astype(dtype)
         w = rng.standard_normal(ws).astype(dtype)

@@ -237,6 +237,22 @@ cdef void pad_phases(const real *x, real *xq, Py_ssize_t planes, Py_ssize_t H, P
 
 cdef enum:
     DIRECT_COLUMNS = 1024  # padded-grid columns per task the image blocking aims at
+    DENSE_MIN_ROWS = 128  # output channels per group for the dense path (use_dense)
+
+
+dense_override = None
+DENSE_M_SPLIT_COST = 0.1  # task_grid: each m split copies the task's B columns again
+
+
+def use_dense(Kg, N, P, Pp, nr):
+    """Kind 3 (dense columns, B packed per task) instead of kind 2 (padded grid read in
+    place)? When it saves >= 5 % of the micro-tiles and there are >= DENSE_MIN_ROWS output
+    channels per group to amortise the copy (each packed element then feeds >= 128 FMAs)."""
+    if dense_override is not None:  # tests and benchmarks force one path
+        return bool(dense_override)
+    grid_tiles = N * ((Pp + nr - 1) // nr)
+    dense_tiles = (N * P + nr - 1) // nr
+    return Kg >= DENSE_MIN_ROWS and dense_tiles <= 0.95 * grid_tiles
 
 
 cdef direct_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
@@ -272,8 +288,11 @@ cdef direct_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
     src.Wo = <int> g.Wo
     src.Wp = Wq
     src.boff = &boff[0]
-    # Nothing to pad or split, nothing read past the image: use x itself.
-    in_place = (Hp == g.H and Wp == g.W and g.kw == 1 and g.sh == 1 and g.sw == 1)
+    dense = use_dense(g.Kg, g.N, P, Pp, FO_DIRECT_NV * 64 // sizeof(real))
+    # Nothing to pad or split, nothing read past the image: use x itself (not for the dense
+    # copy, which reads up to a tile width past each run).
+    in_place = (Hp == g.H and Wp == g.W and g.kw == 1 and g.sh == 1 and g.sw == 1
+                and not dense)
     if not in_place:
         xq_store = np.empty(g.N * g.C * plane + slack, dtype=np.asarray(x).dtype)
         with nogil:
@@ -285,10 +304,19 @@ cdef direct_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
     src.images_per_task = max(1, min(g.N, DIRECT_COLUMNS // Pp))
     src.b_image_stride = g.C * plane
     src.c_image_stride = g.K * P
-    m_block, n_block = _grid(g.Kg, Pp, ((g.N + src.images_per_task - 1) // src.images_per_task)
-                             * g.groups, "f" if real is float else "d")
+    src.P = P
+    cols = Pp
+    if dense:
+        src.kind = 3
+        cols = g.N * P
+        m_block, n_block = _grid(g.Kg, cols, g.groups, "f" if real is float else "d",
+                                 DENSE_M_SPLIT_COST)
+    else:
+        m_block, n_block = _grid(g.Kg, Pp, ((g.N + src.images_per_task - 1)
+                                            // src.images_per_task) * g.groups,
+                                 "f" if real is float else "d")
     with nogil:
-        status = gemm_run(&w[0, 0, 0, 0], red, g.Kg, red, Pp, xsrc, g.C * plane,
+        status = gemm_run(&w[0, 0, 0, 0], red, g.Kg, red, cols, xsrc, g.C * plane,
                           g.Cg * plane, &src, &out[0, 0, 0, 0], P, g.K * P, g.Kg * P,
                           g.Kg * red, pbias, relu, g.N, g.groups, m_block, n_block)
     if status:
@@ -321,9 +349,9 @@ cdef implicit_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
 
 
 @lru_cache(maxsize=256)
-def _grid(Kg, P, outer, dtype_char):
+def _grid(Kg, P, outer, dtype_char, m_split_cost=0.02):
     mr, nr = micro_tile("float32" if dtype_char == "f" else "float64")
-    return task_grid(Kg, P, outer, mr, nr, openmp.omp_get_max_threads())
+    return task_grid(Kg, P, outer, mr, nr, openmp.omp_get_max_threads(), m_split_cost)
 
 
 # ---------------------------------------------------------------------------- depthwise

@@ -82,6 +82,8 @@ cdef extern from "microkernel.h" nogil:
                              const double *B0, const int *boff, int ncols, double *C, long ldc,
                              const fo_seg *seg, int nseg, int mr, int first, const double *bias,
                              int relu)
+    void fo_copy_runs_f(float *dst, const float *row, const long *runs, long q0, long q1)
+    void fo_copy_runs_d(double *dst, const double *row, const long *runs, long q0, long q1)
     int fo_copy_run_f(float *dst, const float *row, long iw0, int sw, long W, long run,
                       long lo, long hi)
     int fo_copy_run_d(double *dst, const double *row, long iw0, int sw, long W, long run,
@@ -167,6 +169,9 @@ cdef struct BSource:
     # kind 2: images per task (the weights block in L2 is reused across all their tiles),
     # and the image strides of B and C the task steps by.
     Py_ssize_t images_per_task, b_image_stride, c_image_stride
+    # kind 3: as kind 2, but the columns are the dense output pixels of all images
+    # (j = n * P + oh * Wo + ow, P = Ho * Wo), packed per task and KC block (gemm_task_dense).
+    Py_ssize_t P
 
 
 cdef inline int mr_of(real *dummy) noexcept nogil:
@@ -395,6 +400,109 @@ cdef void gemm_task_direct(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize
                     j0 += NR
 
 
+cdef int dense_segments(const BSource *src, Py_ssize_t j0, Py_ssize_t ncols,
+                        fo_seg *seg) noexcept nogil:
+    """Kind 3: split the tile's dense columns [j0, j0 + ncols) at image boundaries; the
+    pixels of one image are contiguous in out, dest = n * c_image_stride + pixel."""
+    cdef Py_ssize_t j = j0, jend = j0 + ncols, n, pix, run
+    cdef int k = 0
+    while j < jend:
+        n = j // src.P
+        pix = j - n * src.P
+        run = min(src.P - pix, jend - j)
+        seg[k].lo = <int> (j - j0)
+        seg[k].hi = <int> (j - j0 + run)
+        seg[k].dest = n * src.c_image_stride + pix
+        k += 1
+        j += run
+    return k
+
+
+cdef void gemm_task_dense(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
+                          const real *b, const BSource *src, real *c, Py_ssize_t ldc,
+                          Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t n0, Py_ssize_t n1,
+                          const real *bias, int relu, real *bpack,
+                          long *runs) noexcept nogil:
+    """Kind 3: the padded-grid columns of kind 2 are dropped before the micro-kernel sees
+    them. The task's columns n0:n1 of B (dense output pixels of all images,
+    j = n * P + oh * Wo + ow) are copied per KC block from the padded phase planes into
+    `bpack` as NR-column slivers (kc x NR, row p at p * NR), one contiguous run per
+    (row p, image, output row, sliver); each sliver is copied right before the first row
+    block uses it (still in L1/L2 for the micro-kernels that follow), then the direct
+    micro-kernel reads it with boff[p] = p * NR. Tiles are full across output rows and
+    images: 7 x 7 outputs at batch 8 fill 392 / 416 columns instead of 49 / 64."""
+    cdef int MR = mr_of(c), NR = FO_DIRECT_NV * (64 // sizeof(real))
+    cdef Py_ssize_t mc = (MC // MR) * MR
+    cdef Py_ssize_t nsl = (n1 - n0 + NR - 1) // NR
+    cdef Py_ssize_t pb, pc, kc, ib, ic, iend, sl, j0, ir, ncols, p, q, nruns = 0, j, n, pix
+    cdef Py_ssize_t oh, ow, run, q0, q1
+    cdef int first, last, nseg
+    cdef fo_seg seg[MAX_SEGS]
+    cdef int dboff[KC_DIRECT]
+    cdef const real *row
+    cdef real *dst
+    cdef real *bsl
+    # runs (3 longs each, the thread's buffer): the runs of the task's columns, cut at
+    # output rows, images and slivers; the same for every row p of B. Source offset in the
+    # padded planes (relative to the row's boff), column within the sliver, length.
+    # Sliver sl owns runs[first_run(sl) : first_run(sl + 1)], found by a scan (runs ordered).
+    j = n0
+    while j < n1:
+        n = j // src.P
+        pix = j - n * src.P
+        oh = pix // src.Wo
+        ow = pix - oh * src.Wo
+        run = min(src.Wo - ow, n1 - j, NR - (j - n0) % NR)
+        runs[3 * nruns] = n * src.b_image_stride + oh * src.Wp + ow
+        runs[3 * nruns + 1] = j - n0
+        runs[3 * nruns + 2] = run
+        nruns += 1
+        j += run
+    for p in range(KC_DIRECT):
+        dboff[p] = <int> (p * NR)
+    for pb in range((K + KC_DIRECT - 1) // KC_DIRECT):
+        pc = pb * KC_DIRECT
+        kc = min(KC_DIRECT, K - pc)
+        first = pc == 0
+        last = pc + kc == K
+        for ib in range((m1 - m0 + mc - 1) // mc):
+            ic = m0 + ib * mc
+            iend = min(ic + mc, m1)
+            q0 = 0
+            for sl in range(nsl):
+                j0 = n0 + sl * NR
+                ncols = min(NR, n1 - j0)
+                bsl = bpack + sl * KC_DIRECT * NR
+                if ib == 0:  # copy the sliver: kc rows of its runs
+                    q1 = q0
+                    while q1 < nruns and runs[3 * q1 + 1] < sl * NR + NR:
+                        q1 += 1
+                    for p in range(kc):
+                        row = b + src.boff[pc + p]
+                        dst = bsl + p * NR - sl * NR
+                        if real is float:
+                            fo_copy_runs_f(dst, row, runs, q0, q1)
+                        else:
+                            fo_copy_runs_d(dst, row, runs, q0, q1)
+                    q0 = q1
+                nseg = dense_segments(src, j0, ncols, seg)
+                ir = ic
+                while ir < iend:
+                    if real is float:
+                        fo_ukernel_f_direct(kc, a + ir * lda + pc, lda, 1, bsl, dboff,
+                                            <int> ncols, c + ir * ldc, ldc, seg, nseg,
+                                            <int> min(MR, M - ir), first,
+                                            bias + ir if (last and bias != NULL) else NULL,
+                                            relu and last)
+                    else:
+                        fo_ukernel_d_direct(kc, a + ir * lda + pc, lda, 1, bsl, dboff,
+                                            <int> ncols, c + ir * ldc, ldc, seg, nseg,
+                                            <int> min(MR, M - ir), first,
+                                            bias + ir if (last and bias != NULL) else NULL,
+                                            relu and last)
+                    ir += MR
+
+
 cdef void gemm_task(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K, const real *b,
                     const BSource *src, real *c, Py_ssize_t ldc, Py_ssize_t m0, Py_ssize_t m1,
                     Py_ssize_t n0, Py_ssize_t n1, const real *bias, int relu,
@@ -451,8 +559,15 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
     if src.kind == 2:  # tasks take blocks of images_per_task images
         ipt = src.images_per_task
         img_tasks = (images + ipt - 1) // ipt
+    elif src.kind == 3:  # the images are folded into the columns (N = images * P)
+        img_tasks = 1
     cdef int threads = openmp.omp_get_max_threads()
-    cdef Py_ssize_t slot = KC * round_up(n_block, nr_of(c)) if src.kind != 2 else 16
+    cdef Py_ssize_t slot = KC * round_up(n_block, nr_of(c))
+    if src.kind == 2:
+        slot = 16
+    elif src.kind == 3:  # B block, one sliver of slack (copy spill), run table (3 n_block)
+        slot = (KC_DIRECT * round_up(n_block, FO_DIRECT_NV * (64 // sizeof(real)))
+                + 64 + round_up(3 * n_block * sizeof(long) // sizeof(real), 16))
     # One B packing buffer per thread, allocated up front (a worksharing loop must be reached
     # by every thread, so no thread may bail out inside the parallel region).
     cdef real *buffers = alloc_aligned(threads * slot, c)
@@ -469,7 +584,13 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
         rest = rest % (m_tasks * n_tasks)
         m0 = (rest // n_tasks) * m_block
         n0 = (rest % n_tasks) * n_block
-        if src.kind == 2:
+        if src.kind == 3:
+            gemm_task_dense(apack + g * a_group_stride, lda, M, K, b + g * b_group_stride, src,
+                            c + g * c_group_stride, ldc, m0, min(m0 + m_block, M), n0,
+                            min(n0 + n_block, N), bias + g * M if bias != NULL else NULL,
+                            relu, bpack, <long *> (bpack + 64 + KC_DIRECT * round_up(
+                                n_block, FO_DIRECT_NV * (64 // sizeof(real)))))
+        elif src.kind == 2:
             gemm_task_direct(apack + g * a_group_stride, lda, M, K,
                              b + img * ipt * b_image_stride + g * b_group_stride, src,
                              c + img * ipt * c_image_stride + g * c_group_stride, ldc,
@@ -486,12 +607,14 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
     return 0
 
 
-def task_grid(Py_ssize_t M, Py_ssize_t N, Py_ssize_t outer, int mr, int nr, int threads):
+def task_grid(Py_ssize_t M, Py_ssize_t N, Py_ssize_t outer, int mr, int nr, int threads,
+              double m_split_cost=0.02):
     """(m_block, n_block) splitting an outer x M x N problem (outer = images x groups) into
     tasks for `threads` threads.
 
     Minimises the modelled makespan: rounds of tasks x padded micro-tiles per task, plus a
-    small charge per task for re-packing B (every extra m split re-packs the same columns).
+    charge of m_split_cost per tile and m split for re-packing B (every extra m split re-packs
+    the same columns).
     Blocks are multiples of the micro-tile; n blocks are capped at NC_MAX so a task's B block
     stays in L2."""
     cdef Py_ssize_t best_m = M, best_n = N
@@ -506,7 +629,7 @@ def task_grid(Py_ssize_t M, Py_ssize_t N, Py_ssize_t outer, int mr, int nr, int 
             tasks = outer * ((M + mb - 1) // mb) * ((N + nb - 1) // nb)
             rounds = (tasks + threads - 1) // threads
             tiles = (mb // mr) * (nb // nr)
-            cost = rounds * tiles * (1.0 + 0.02 * ms) + 0.5 * tasks / threads
+            cost = rounds * tiles * (1.0 + m_split_cost * ms) + 0.5 * tasks / threads
             if best < 0 or cost < best:
                 best, best_m, best_n = cost, mb, nb
     return best_m, best_n

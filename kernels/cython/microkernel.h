@@ -528,9 +528,30 @@ FO_DEFINE_DIRECT(fo_ukernel_f_direct, float, __m512, 16, FO_MR_F, FO_DIRECT_NV, 
 FO_DEFINE_DIRECT(fo_ukernel_d_direct, double, __m512d, 8, FO_MR_D, FO_DIRECT_NV, __mmask8,
                  fo_bits8, _mm512_set1_pd, _mm512_setzero_pd, _mm512_loadu_pd, _mm512_maskz_loadu_pd,
                  _mm512_fmadd_pd, _mm512_add_pd, _mm512_max_pd, _mm512_mask_storeu_pd)
+/* The copy for the dense variant (gemm.pxi kind 3): one row of an NR-column B sliver from
+ * its runs, runs[3q] source offset, runs[3q + 1] destination column, runs[3q + 2] length
+ * (<= NR = 2 vectors). Plain unaligned loads/stores of whole vectors: a run's spill past
+ * its length lands on the next run (or the next row), which is written after it, and the
+ * source is read at most NR - 1 elements past a run (the padded planes carry >= 64
+ * elements of slack). Masked copies with clamped lane masks cost ~3x more per run. */
+#define FO_DEFINE_COPY_RUNS(NAME, T, L, LOADU, STOREU)                                         \
+    static inline void NAME(T *dst, const T *row, const long *runs, long q0, long q1) {        \
+        for (long q = q0; q < q1; q++) {                                                       \
+            const T *s = row + runs[3 * q];                                                    \
+            T *d = dst + runs[3 * q + 1];                                                      \
+            STOREU(d, LOADU(s));                                                               \
+            if (runs[3 * q + 2] > L) STOREU(d + L, LOADU(s + L));                              \
+        }                                                                                      \
+    }
+FO_DEFINE_COPY_RUNS(fo_copy_runs_f, float, 16, _mm512_loadu_ps, _mm512_storeu_ps)
+FO_DEFINE_COPY_RUNS(fo_copy_runs_d, double, 8, _mm512_loadu_pd, _mm512_storeu_pd)
 #else
 #define FO_HAVE_DIRECT 0
 #define FO_DIRECT_NV 2
+static inline void fo_copy_runs_f(float *dst, const float *row, const long *runs, long q0,
+                                  long q1) {}
+static inline void fo_copy_runs_d(double *dst, const double *row, const long *runs, long q0,
+                                  long q1) {}
 static void fo_ukernel_f_direct(long kc, const float *Ap, long a_rs, long a_ks, const float *B0,
                                 const int *boff, int ncols, float *C, long ldc,
                                 const fo_seg *seg, int nseg, int mr, int first,
