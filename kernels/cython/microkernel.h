@@ -474,16 +474,16 @@ typedef struct {
         return v;                                                                               \
     }                                                                                           \
     static inline __attribute__((always_inline)) void NAME##_loop(                              \
-        const int masked, long kc, const T **ar, long a_ks, const T *B0, const int *boff,       \
-        const MASKT *m, VT (*acc)[NV]) {                                                        \
+        const int masked, const int nv, long kc, const T **ar, long a_ks, const T *B0,          \
+        const int *boff, const MASKT *m, VT (*acc)[NV]) {                                       \
         for (long p = 0; p < kc; p++) {                                                         \
             const T *bp = B0 + boff[p];                                                         \
             VT b[NV];                                                                           \
-            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                                \
+            _Pragma("GCC unroll 4") for (int v = 0; v < nv; v++)                                \
                 b[v] = masked ? MLOADU(m[v], bp + v * L) : LOADU(bp + v * L);                   \
             _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                              \
                 VT a = SET1(ar[i][p * a_ks]);                                                   \
-                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                            \
+                _Pragma("GCC unroll 4") for (int v = 0; v < nv; v++)                            \
                     acc[i][v] = FMA(a, b[v], acc[i][v]);                                        \
             }                                                                                   \
         }                                                                                       \
@@ -500,9 +500,11 @@ typedef struct {
         }                                                                                       \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) m[v] = BITS(0, ncols - v * L);    \
         if (ncols == NV * L) /* full tile: plain unaligned loads */                             \
-            NAME##_loop(0, kc, ar, a_ks, B0, boff, m, acc);                                     \
+            NAME##_loop(0, NV, kc, ar, a_ks, B0, boff, m, acc);                                 \
+        else if (ncols <= L) /* one vector of columns: half the FMAs (acc[i][1..] stay 0) */    \
+            NAME##_loop(1, 1, kc, ar, a_ks, B0, boff, m, acc);                                  \
         else                                                                                    \
-            NAME##_loop(1, kc, ar, a_ks, B0, boff, m, acc);                                     \
+            NAME##_loop(1, NV, kc, ar, a_ks, B0, boff, m, acc);                                 \
         /* i and v unrolled (constant register indices: a runtime index would put the       \
          * accumulators on the stack for the whole k loop). */                                  \
         _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                                  \
