@@ -209,9 +209,8 @@ cdef void pad_phases(const real *x, real *xq, Py_ssize_t planes, Py_ssize_t H, P
     """xq (planes, sh, sw, Hq, Wq) + `slack` zeros: phase (a, b) of plane t holds the
     zero-padded image xp[t, a + sh*i, b + sw*j] (xp = x placed at (pt, pl)). For stride 1
     that is just the padded plane. One pass over the image, parallel over the planes."""
-    cdef Py_ssize_t t, a, b_, i, j, ih, iw
+    cdef Py_ssize_t t, a, b_, i, ih
     cdef real *row
-    cdef const real *src
     for t in prange(planes, schedule="static"):
         for a in range(sh):
             for b_ in range(sw):
@@ -221,17 +220,13 @@ cdef void pad_phases(const real *x, real *xq, Py_ssize_t planes, Py_ssize_t H, P
                     if ih < 0 or ih >= H:
                         memset(row, 0, Wq * sizeof(real))
                         continue
-                    src = x + (t * H + ih) * W
-                    if sw == 1:
-                        memset(row, 0, min(pl, Wq) * sizeof(real))
-                        if pl < Wq:
-                            memcpy(row + pl, src, min(W, Wq - pl) * sizeof(real))
-                        if pl + W < Wq:
-                            memset(row + pl + W, 0, (Wq - pl - W) * sizeof(real))
-                    else:
-                        for j in range(Wq):
-                            iw = b_ + sw * j - pl
-                            row[j] = src[iw] if 0 <= iw < W else 0
+                    # Row i of phase (a, b_): row[j] = x[t, ih, b_ + sw*j - pl] or 0 in the
+                    # padding, by masked vector loads/stores (gemm.pxi copy_run; stride 1
+                    # and 2), not memset + memcpy + memset: libc calls on 30-60 element
+                    # rows made this pass 8 % of res2 3x3 C64 56x56 at batch 8 (perf).
+                    # Measured interleaved, 2 threads, vs the libc version: res2 b1 / b8
+                    # 0.94 -> 0.97 / 0.95 -> 0.97 x torch, stem 7x7/2 b1 +10 %.
+                    copy_run(row, x + (t * H + ih) * W, b_ - pl, sw, <int> W, Wq)
     memset(xq + planes * sh * sw * Hq * Wq, 0, slack * sizeof(real))
 
 
