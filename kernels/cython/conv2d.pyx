@@ -486,10 +486,23 @@ def conv2d_tiled(x, w, out, p):
     the `parallel` stage's row-axpy planes it replaces (one load + store of the output row
     per tap) ran at 0.43x of PyTorch. Strided columns (stride_w > 1) or a build without
     AVX-512 keep those row-axpy planes.
+    Small outputs with many channels take the "dense" variant (gemm.pxi kind 3, chosen by
+    `use_dense` from a tile count): the images are folded into the GEMM columns
+    (N = images x Ho*Wo) and each task copies its dense columns from the padded planes into
+    32-column slivers before the micro-kernel runs on them, so 7 x 7 / 14 x 14 outputs fill
+    whole tiles; a tile of at most one vector of columns runs half the FMAs. Measured against
+    the padded-grid kernel (PyTorch 2.13 eager as the common yardstick, 2 threads,
+    interleaved blocks, ratio torch time / ours): res5 3x3 C512 7x7 batch 8 0.67 -> 0.80,
+    batch 1 1.20 -> 1.26; res4 C256 14x14 batch 8 0.78 -> 0.83, batch 1 0.88 -> 0.92; res3
+    C128 28x28 batch 1 0.85 -> 0.92 (batch 8 about even). With 64 output channels (res2) the
+    copy is not amortised: 0.96 vs 1.00, so it keeps the grid.
     Bottleneck removed: arithmetic intensity: each loaded vector of B feeds MR FMAs from a
     register, each weight NR FMAs; out is written once per KC block.
-    Still missing: the micro-kernel runs at ~80-85 % of oneDNN's per-thread rate on these
-    layers (96 vs 114 GF/s on res3, 1 thread); 7x7 outputs waste 23 % of every 32-column
-    tile (oneDNN's NCHW16c direct conv tiles channels instead); no prefetching.
+    Still missing: on full tiles the conv runs at ~85-90 % of the micro-kernel's in-cache
+    rate (1 thread, res4 C256 14x14 batch 8: 103 GF/s vs 113-116 for fo_ukernel_f_direct
+    alone on a hot 512 x 32 sliver with the weights read in place, and 117 for oneDNN);
+    software prefetch of the 8 weight rows (16, 32, 64, 128 floats ahead) measured no
+    better, nor did KC 256 / 768 / 1024 / 1152 or MC 64 / 128 / 512 for the dense variant.
+    At batch 8 oneDNN runs res4 / res5 at ~230 GF/s (the 2-thread peak), we at 185-200.
     """
     conv2d_tiled_epilogue(x, w, out, p)

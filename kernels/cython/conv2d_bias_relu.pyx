@@ -24,20 +24,22 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     ladder makes after the conv: for a 64 x 56 x 56 float32 output that is 4 x 0.8 MB of
     memory traffic per image.
     Measured against PyTorch 2.13 eager relu(conv2d(x, w, b)) (oneDNN), float32, 2 threads
-    each, interleaved blocks of 6 calls (first of each block dropped), 6 rounds, two runs on
-    an AMD EPYC Zen 4 VM with other jobs; time ratio torch / ours, median (run 1 / run 2):
-                                batch 1        batch 8
-      res2 3x3 C64 56x56        0.93 / 0.99    0.95 / 0.96
-      res3 3x3 C128 28x28       0.84 / 0.87    0.86 / 0.89
-      res4 3x3 C256 14x14       0.87 / 0.85    0.80 / 0.81
-      res5 3x3 C512 7x7         0.94 / 1.42    0.70 / 0.71
-      1x1 C256 -> K64 56x56     1.15 / 1.28    1.48 / 1.20
-      stem 7x7/2 C3 224x224     0.98 / 1.06    3.15 / 1.15
-      depthwise 3x3 C128 56x56  1.60 / 1.69    1.46 / 2.46
-      median of the set         0.94 / 1.06    0.95 / 0.96
-    (before the direct path and the depthwise kernel, same method: res3-res5 0.67-0.75 at
-    both batch sizes, depthwise ~0.5, res5 at batch 8 0.59.) Our 3x3 layers run at 175-190
-    GF/s, oneDNN's at 190-220; 7x7 outputs lose 23 % of each 32-column tile.
+    each, GOMP_SPINCOUNT=30000, interleaved blocks of 6 calls (first of each block dropped),
+    6 rounds, two runs on an AMD EPYC Zen 4 VM shared with other jobs; time ratio
+    torch / ours, median (run 1 / run 2), our GF/s from run 1:
+                                batch 1               batch 8
+      res2 3x3 C64 56x56        1.03 / 1.00  181      0.94 / 0.96  193
+      res3 3x3 C128 28x28       0.93 / 0.98  171      0.92 / 0.94  189
+      res4 3x3 C256 14x14       0.99 / 0.99  168      0.86 / 0.84  197
+      res5 3x3 C512 7x7         1.41 / 1.13  142      0.79 / 0.81  184
+      1x1 C256 -> K64 56x56     1.29 / 1.01  181      1.05 / 1.06  109
+      stem 7x7/2 C3 224x224     0.96 / 1.04  174      1.08 / 1.10  154
+      depthwise 3x3 C128 56x56  1.32 / 1.53   45      2.25 / 2.29   33
+      median of the set         1.03 / 1.01           0.94 / 0.96
+    (before the dense-column variant for small outputs and the vectorised padding copy, same
+    method: batch 1 median 0.94 / 1.06, batch 8 0.95 / 0.96, res5 at batch 8 0.70; before
+    the direct path and the depthwise kernel: res3-res5 0.67-0.75, depthwise ~0.5.) oneDNN
+    runs the batch-8 3x3 layers at 205-232 GF/s, at the 2-thread peak (~230).
     Still missing: everything `tiled` lacks.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  bias: (K,)  out: (N, K, Ho, Wo)

@@ -39,6 +39,15 @@
 # time (measured by skipping the micro-kernel, 1 thread: B packing alone ran at the FLOP
 # equivalent of 250 GF/s on res2 3x3 C64 56x56, 211 on the 7x7/2 stem, against ~100 for
 # the micro-kernel), more than the 3-7 % of extra columns the padded grid computes.
+#
+# For small outputs the padded grid wastes more (7x7 outputs: 63 grid columns, 49 real, in
+# two 32-column tiles per image), so kind 3 (gemm_task_dense) folds the images into the
+# columns (N = images x Ho*Wo) and copies each task's dense columns from the padded planes
+# into NR-column slivers, a sliver right before its first use, with whole-vector copies of
+# the precomputed runs (fo_copy_runs_*). With >= 128 rows per group the copy is cheap (perf,
+# 1 thread: 2.7 % of res5 3x3 C512 7x7 at batch 8, 5.3 % of res4 C256 14x14) and the tiles
+# are full: res5 at batch 8 fills 392 of 400 columns (12 tiles and a one-vector tail)
+# instead of 49 of 64 per image. conv2d.pyx's use_dense picks it by a tile count.
 
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
