@@ -309,6 +309,7 @@ cdef direct_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
     src.b_image_stride = g.C * plane
     src.c_image_stride = g.K * P
     src.P = P
+    src.kc_direct = direct_kc(red)
     cols = Pp
     if dense:
         src.kind = 3
@@ -502,7 +503,9 @@ def conv2d_tiled(x, w, out, p):
     rate (1 thread, res4 C256 14x14 batch 8: 103 GF/s vs 113-116 for fo_ukernel_f_direct
     alone on a hot 512 x 32 sliver with the weights read in place, and 117 for oneDNN);
     software prefetch of the 8 weight rows (16, 32, 64, 128 floats ahead) measured no
-    better, nor did KC 256 / 768 / 1024 / 1152 or MC 64 / 128 / 512 for the dense variant.
+    better, nor did fixed KC 256 / 768 / 1024 / 1152 (vs 512) or MC 64 / 128 / 512 for the
+    dense variant; equal reduction blocks of <= 640 rows (gemm.pxi direct_kc) gave +2-5 % on
+    res2 / res3 (no runt block).
     At batch 8 oneDNN runs res4 / res5 at ~230 GF/s (the 2-thread peak), we at 185-200.
     """
     conv2d_tiled_epilogue(x, w, out, p)

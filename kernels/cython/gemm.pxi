@@ -106,8 +106,13 @@ cdef enum:
     # Reduction block of the direct (unpacked-B) conv path. B is not packed, so KC only sets
     # how often the C tile is re-loaded/stored and how much of B the tile touches in L1.
     # Measured alternately on one build each (1 thread, best of 15): 512 vs 256 gave res2-4
-    # 101-104 vs 94-101 GF/s and res5 78 vs 73; 1024 fell back (res4 88).
-    KC_DIRECT = 512
+    # 101-104 vs 94-101 GF/s and res5 78 vs 73; 1024 fell back (res4 88). The reduction is
+    # cut into equal blocks of at most KC_DIRECT (direct_kc): against fixed 512-row blocks
+    # (2 threads, interleaved, x torch) res2 3x3 C64 (576 rows: one block, not 512 + 64)
+    # 0.98 -> 1.02 at batch 1 and 0.97 -> 1.01 at batch 8, res3 (2 x 576, not 512 + 512 +
+    # 128) +2 %, res4 / res5 within 1 %.
+    KC_DIRECT = 640
+    KC_DIRECT_MAX = 1024  # bound of any block (dense variant's offset table)
     KC = 256
     MC = 256
     NC_MAX = 1024
@@ -181,6 +186,7 @@ cdef struct BSource:
     # kind 3: as kind 2, but the columns are the dense output pixels of all images
     # (j = n * P + oh * Wo + ow, P = Ho * Wo), packed per task and KC block (gemm_task_dense).
     Py_ssize_t P
+    Py_ssize_t kc_direct  # kinds 2 and 3: reduction block (direct_kc)
 
 
 cdef inline int mr_of(real *dummy) noexcept nogil:
@@ -199,6 +205,12 @@ cdef inline int nr_of(real *dummy) noexcept nogil:
 
 cdef inline Py_ssize_t round_up(Py_ssize_t x, Py_ssize_t m) noexcept nogil:
     return (x + m - 1) // m * m
+
+
+cdef inline Py_ssize_t direct_kc(Py_ssize_t red) noexcept nogil:
+    """The reduction block of the direct paths: red rows in equal blocks of <= KC_DIRECT."""
+    cdef Py_ssize_t blocks = (red + KC_DIRECT - 1) // KC_DIRECT
+    return round_up((red + blocks - 1) // blocks, 16)
 
 
 cdef inline real *alloc_aligned(Py_ssize_t count, real *dummy) noexcept nogil:
@@ -376,9 +388,10 @@ cdef void gemm_task_direct(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize
     cdef real *ci
     cdef int first, last, nseg
     cdef fo_seg seg[MAX_SEGS]
-    for pb in range((K + KC_DIRECT - 1) // KC_DIRECT):
-        pc = pb * KC_DIRECT
-        kc = min(KC_DIRECT, K - pc)
+    cdef Py_ssize_t kcb = src.kc_direct
+    for pb in range((K + kcb - 1) // kcb):
+        pc = pb * kcb
+        kc = min(kcb, K - pc)
         first = pc == 0
         last = pc + kc == K
         for ib in range((m1 - m0 + mc - 1) // mc):
@@ -447,7 +460,7 @@ cdef void gemm_task_dense(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize_
     cdef Py_ssize_t oh, ow, run, q0, q1
     cdef int first, last, nseg
     cdef fo_seg seg[MAX_SEGS]
-    cdef int dboff[KC_DIRECT]
+    cdef int dboff[KC_DIRECT_MAX]
     cdef const real *row
     cdef real *dst
     cdef real *bsl
@@ -467,11 +480,11 @@ cdef void gemm_task_dense(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize_
         runs[3 * nruns + 2] = run
         nruns += 1
         j += run
-    for p in range(KC_DIRECT):
+    for p in range(src.kc_direct):
         dboff[p] = <int> (p * NR)
-    for pb in range((K + KC_DIRECT - 1) // KC_DIRECT):
-        pc = pb * KC_DIRECT
-        kc = min(KC_DIRECT, K - pc)
+    for pb in range((K + src.kc_direct - 1) // src.kc_direct):
+        pc = pb * src.kc_direct
+        kc = min(src.kc_direct, K - pc)
         first = pc == 0
         last = pc + kc == K
         for ib in range((m1 - m0 + mc - 1) // mc):
@@ -481,7 +494,7 @@ cdef void gemm_task_dense(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize_
             for sl in range(nsl):
                 j0 = n0 + sl * NR
                 ncols = min(NR, n1 - j0)
-                bsl = bpack + sl * KC_DIRECT * NR
+                bsl = bpack + sl * src.kc_direct * NR
                 if ib == 0:  # copy the sliver: kc rows of its runs
                     q1 = q0
                     while q1 < nruns and runs[3 * q1 + 1] < sl * NR + NR:
@@ -575,7 +588,7 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
     if src.kind == 2:
         slot = 16
     elif src.kind == 3:  # B block, one sliver of slack (copy spill), run table (3 n_block)
-        slot = (KC_DIRECT * round_up(n_block, FO_DIRECT_NV * (64 // sizeof(real)))
+        slot = (src.kc_direct * round_up(n_block, FO_DIRECT_NV * (64 // sizeof(real)))
                 + 64 + round_up(3 * n_block * sizeof(long) // sizeof(real), 16))
     # One B packing buffer per thread, allocated up front (a worksharing loop must be reached
     # by every thread, so no thread may bail out inside the parallel region).
@@ -597,7 +610,7 @@ cdef int gemm_run(const real *apack, Py_ssize_t lda, Py_ssize_t M, Py_ssize_t K,
             gemm_task_dense(apack + g * a_group_stride, lda, M, K, b + g * b_group_stride, src,
                             c + g * c_group_stride, ldc, m0, min(m0 + m_block, M), n0,
                             min(n0 + n_block, N), bias + g * M if bias != NULL else NULL,
-                            relu, bpack, <long *> (bpack + 64 + KC_DIRECT * round_up(
+                            relu, bpack, <long *> (bpack + 64 + src.kc_direct * round_up(
                                 n_block, FO_DIRECT_NV * (64 // sizeof(real)))))
         elif src.kind == 2:
             gemm_task_direct(apack + g * a_group_stride, lda, M, K,
