@@ -506,6 +506,7 @@ def conv2d_tiled(x, w, out, p):
     better, nor did fixed KC 256 / 768 / 1024 / 1152 (vs 512) or MC 64 / 128 / 512 for the
     dense variant; equal reduction blocks of <= 640 rows (gemm.pxi direct_kc) gave +2-5 % on
     res2 / res3 (no runt block).
-    At batch 8 oneDNN runs res4 / res5 at ~230 GF/s (the 2-thread peak), we at 185-200.
+    At batch 8 oneDNN runs res4 / res5 at 200-230 GF/s (up to the 2-thread peak), we at
+    170-200.
     """
     conv2d_tiled_epilogue(x, w, out, p)

@@ -25,21 +25,23 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     memory traffic per image.
     Measured against PyTorch 2.13 eager relu(conv2d(x, w, b)) (oneDNN), float32, 2 threads
     each, GOMP_SPINCOUNT=30000, interleaved blocks of 6 calls (first of each block dropped),
-    6 rounds, two runs on an AMD EPYC Zen 4 VM shared with other jobs; time ratio
-    torch / ours, median (run 1 / run 2), our GF/s from run 1:
-                                batch 1               batch 8
-      res2 3x3 C64 56x56        1.03 / 1.00  181      0.94 / 0.96  193
-      res3 3x3 C128 28x28       0.93 / 0.98  171      0.92 / 0.94  189
-      res4 3x3 C256 14x14       0.99 / 0.99  168      0.86 / 0.84  197
-      res5 3x3 C512 7x7         1.41 / 1.13  142      0.79 / 0.81  184
-      1x1 C256 -> K64 56x56     1.29 / 1.01  181      1.05 / 1.06  109
-      stem 7x7/2 C3 224x224     0.96 / 1.04  174      1.08 / 1.10  154
-      depthwise 3x3 C128 56x56  1.32 / 1.53   45      2.25 / 2.29   33
-      median of the set         1.03 / 1.01           0.94 / 0.96
-    (before the dense-column variant for small outputs and the vectorised padding copy, same
-    method: batch 1 median 0.94 / 1.06, batch 8 0.95 / 0.96, res5 at batch 8 0.70; before
-    the direct path and the depthwise kernel: res3-res5 0.67-0.75, depthwise ~0.5.) oneDNN
-    runs the batch-8 3x3 layers at 205-232 GF/s, at the 2-thread peak (~230).
+    6 rounds, four runs on an AMD EPYC Zen 4 VM shared with other jobs (run-to-run spread
+    +-5-10 %); time ratio torch / ours, median call of each run, and the median GF/s:
+                                batch 1                       batch 8
+                                runs 1-4             ours     runs 1-4             ours
+      res2 3x3 C64 56x56        1.00 0.96 1.02 1.10  179      0.98 1.05 1.00 0.85  183
+      res3 3x3 C128 28x28       0.90 0.93 0.97 0.96  174      0.91 0.97 0.89 0.81  172
+      res4 3x3 C256 14x14       0.88 0.93 0.96 0.91  171      0.86 0.91 0.84 0.89  177
+      res5 3x3 C512 7x7         1.35 1.32 1.23 1.13  144      0.83 0.87 0.81 0.83  173
+      1x1 C256 -> K64 56x56     1.21 1.15 1.21 1.44  176      1.09 0.91 1.06 1.02  104
+      stem 7x7/2 C3 224x224     0.95 1.06 0.98 0.88  167      1.12 1.11 1.70 3.51  157
+      depthwise 3x3 C128 56x56  1.36 1.32 1.60 1.26   44      2.15 2.29 2.15 2.08   30
+      median of the set         1.00 1.06 1.02 1.10           0.98 0.97 1.00 0.89
+    (before the dense-column variant for small outputs, the vectorised padding copy and the
+    equal reduction blocks, same method: batch 1 median 0.94 / 1.06, batch 8 0.95 / 0.96,
+    res5 at batch 8 0.70 / 0.71; before the direct path and the depthwise kernel: res3-res5
+    0.67-0.75, depthwise ~0.5.) oneDNN runs the batch-8 3x3 layers at ~190-230 GF/s, up to
+    the 2-thread peak (~230).
     Still missing: everything `tiled` lacks.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  bias: (K,)  out: (N, K, Ho, Wo)
