@@ -283,6 +283,49 @@ def test_conv_asymmetric_padding_params(rng):
                      impl.name)
 
 
+@pytest.mark.parametrize("stage", ["vectorized", "parallel"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_grid_stages_random_geometry(stage, dtype, rng):
+    """The vectorized / parallel stages read every tap at one offset in the padded, phase-
+    split copy and drop the junk columns: random strides (phases), dilations, asymmetric
+    paddings and groups, each against the oracle; the output starts as NaN, so a pixel left
+    unwritten fails."""
+    from fastops.validation import ConvParams
+
+    kernel = registry.lookup("conv2d", "cython", stage).kernel
+    for _ in range(25):
+        groups = int(rng.choice([1, 2, 3]))
+        cg, kg = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        kh, kw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        sh, sw, dh, dw = (int(v) for v in rng.integers(1, 4, size=4))
+        pt, pb, pl, pr = (int(v) for v in rng.integers(0, 4, size=4))
+        n, h, wd = int(rng.integers(1, 3)), int(rng.integers(1, 14)), int(rng.integers(1, 14))
+        ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        wo = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        if ho < 1 or wo < 1:
+            continue
+        x = rng.standard_normal((n, groups * cg, h, wd)).astype(dtype)
+        w = rng.standard_normal((groups * kg, cg, kh, kw)).astype(dtype)
+        out = np.full((n, groups * kg, ho, wo), np.nan, dtype)
+        kernel(x, w, out, ConvParams(sh, sw, pt, pb, pl, pr, dh, dw, groups))
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        what = f"{stage} x{x.shape} w{w.shape} s{sh, sw} p{pt, pb, pl, pr} d{dh, dw} g{groups}"
+        assert_close(out, oracle.conv2d(xp, w, None, (sh, sw), 0, (dh, dw), groups),
+                     oracle.conv2d(xp, w, None, (sh, sw), 0, (dh, dw), groups, absolute=True),
+                     cg * kh * kw, dtype, what)
+
+
+def test_wide_grid_nan_stays_in_its_pixels(rng):
+    """A NaN in the input reaches exactly the outputs whose window covers it, although the
+    wide-grid stages also compute junk columns that read across row ends."""
+    x = rng.standard_normal((1, 2, 7, 7)).astype(np.float32)
+    x[0, 1, 3, 6] = np.nan  # last column: its row neighbour on the wide grid is junk
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    for stage in ("vectorized", "parallel"):
+        check_conv(registry.lookup("conv2d", "cython", stage).kernel, x, w, 1, 1,
+                   what=f"{stage} NaN")
+
+
 def test_fused_relu_keeps_nan(rng):
     x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
     x[0, 1, 2, 3] = np.nan

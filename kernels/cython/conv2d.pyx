@@ -5,10 +5,10 @@ out (N, K, Ho, Wo) = x (N, C, H, W) (*) w (K, C/groups, kH, kW), torch semantics
 dilation, asymmetric zero padding, groups (depthwise included), no bias (the API adds it).
 
 1. naive       - seven nested loops, a bounds test per tap; one thread.
-2. vectorized  - for each (channel, tap, output row) one row-wide "axpy" over the valid output
-                 columns: padding is resolved per row, the inner loop is unit stride (stride 1)
-                 and the compiler emits packed FMAs.
-3. parallel    - the same, output planes (image, channel) spread over OpenMP threads.
+2. vectorized  - each image copied once into zero-padded planes split by stride phase (the
+                 "wide grid"), so every tap is one offset and one contiguous axpy over the
+                 whole output plane (junk columns dropped at the store): packed FMAs.
+3. parallel    - the same, input and output planes (image, channel) over OpenMP threads.
 4. tiled       - implicit GEMM: out[g] (K/g, Ho*Wo) = W[g] (K/g, C/g*kH*kW) @ im2col(x[g]),
                  where the im2col matrix is never built: the micro-kernel reads its rows in
                  place from a zero-padded copy of the image split into stride phases (each
@@ -49,6 +49,9 @@ cdef Geom geometry(x, w, out, p):
 
 
 # ---------------------------------------------------------------------------- shared helpers
+# Row-axpy planes: out[oh, lo:hi] += w * x[ih, ...] per (channel, tap, output row), padding
+# worked out per row. The tiled stage uses them for depthwise convs its register kernel
+# does not cover (stride_w > 1, or no AVX-512), where they also apply bias + ReLU.
 cdef inline void row_axpy(real *dst, const real *row, real wv, Py_ssize_t iw0, int sw, int W,
                           Py_ssize_t Wo) noexcept nogil:
     """dst[t] += wv * row[iw0 + t*sw] over the output columns t whose input column is inside
@@ -92,6 +95,24 @@ cdef void plane_direct(const real *x, const real *w, real *out, const Geom *g, P
                 if relu and not (v > 0) and v == v:  # max(v, 0) with NaN kept, as numpy
                     v = 0
                 orow[t] = v
+
+
+cdef void planes_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
+                    real[:, :, :, ::1] out,
+                     Geom g, bint threads, const real[::1] bias, bint relu):
+    """Every output plane by `plane_direct`; planes on one thread or over the OpenMP team."""
+    cdef Py_ssize_t t
+    cdef const real *px = &x[0, 0, 0, 0]
+    cdef const real *pw = &w[0, 0, 0, 0]
+    cdef real *po = &out[0, 0, 0, 0]
+    cdef const real *pb = &bias[0] if bias is not None else NULL
+    with nogil:
+        if threads:
+            for t in prange(g.N * g.K, schedule="static"):
+                plane_direct(px, pw, po, &g, t // g.K, t % g.K, pb, relu)
+        else:
+            for t in range(g.N * g.K):
+                plane_direct(px, pw, po, &g, t // g.K, t % g.K, pb, relu)
 
 
 # ---------------------------------------------------------------------------- 1 naive
@@ -143,63 +164,188 @@ def conv2d_naive(x, w, out, p):
 
 
 # ---------------------------------------------------------------------------- 2 vectorized
-cdef void planes_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
-                    real[:, :, :, ::1] out,
-                     Geom g, bint threads, const real[::1] bias, bint relu):
-    """Every output plane by `plane_direct`; planes on one thread or over the OpenMP team."""
-    cdef Py_ssize_t t
+cdef struct WideGrid:
+    # One call's padded, phase-split input ("wide grid"; see conv2d_vectorized).
+    Py_ssize_t Hq, Wq  # rows and columns of one phase plane = rows (>= Ho), columns (>= Wo)
+    Py_ssize_t chan  # sh * sw * Hq * Wq: the phase planes of one input channel
+    Py_ssize_t taps  # Cg * kH * kW taps per output channel
+
+
+cdef WideGrid wide_grid(const Geom *g, Py_ssize_t pad_bottom, Py_ssize_t pad_right):
+    cdef WideGrid q
+    q.Hq = (g.H + g.pt + pad_bottom + g.sh - 1) // g.sh
+    q.Wq = (g.W + g.pl + pad_right + g.sw - 1) // g.sw
+    q.chan = g.sh * g.sw * q.Hq * q.Wq
+    q.taps = g.Cg * g.kh * g.kw
+    return q
+
+
+cdef void split_plane(const real *x, real *xq, const Geom *g, const WideGrid *q) noexcept nogil:
+    """xq (sh, sw, Hq, Wq) = the stride phases of one zero-padded input plane x (H, W):
+    xq[a, b, i, j] = xpad[a + sh*i, b + sw*j], xpad = x placed at (pad_top, pad_left) in
+    zeros. Per row one copy_run (gemm.pxi: zero prefix, copied middle, zero suffix).
+    The same layout as the tiled stage's `pad_phases`, one plane at a time so that the
+    caller chooses one thread or the team."""
+    cdef Py_ssize_t a, b, i, ih
+    cdef real *row
+    for a in range(g.sh):
+        for b in range(g.sw):
+            for i in range(q.Hq):
+                row = xq + ((a * g.sw + b) * q.Hq + i) * q.Wq
+                ih = a + g.sh * i - g.pt
+                if ih < 0 or ih >= g.H:
+                    memset(row, 0, q.Wq * sizeof(real))
+                else:
+                    copy_run(row, x + ih * g.W, b - g.pl, g.sw, <int> g.W, q.Wq)
+
+
+cdef void tap_offsets(Py_ssize_t *offs, const Geom *g, const WideGrid *q) noexcept nogil:
+    """offs (groups, taps): tap (c, r, s) of group grp reads the wide output pixel
+    f = oh * Wq + ow from xq_image[offs[grp, (c*kH + r)*kW + s] + f]. Channel, phase (the
+    tap's offset modulo the stride), row and column shift all fold into this one integer."""
+    cdef Py_ssize_t grp, c, r, s
+    for grp in range(g.groups):
+        for c in range(g.Cg):
+            for r in range(g.kh):
+                for s in range(g.kw):
+                    offs[((grp * g.Cg + c) * g.kh + r) * g.kw + s] = (
+                        (grp * g.Cg + c) * q.chan
+                        + ((r * g.dh) % g.sh * g.sw + (s * g.dw) % g.sw) * q.Hq * q.Wq
+                        + (r * g.dh) // g.sh * q.Wq + (s * g.dw) // g.sw)
+
+
+cdef void plane_wide(const real *xq, const real *wk, const Py_ssize_t *offs, real *acc,
+                     real *out, const Geom *g, const WideGrid *q) noexcept nogil:
+    """out (Ho, Wo) = sum over the taps t of wk[t] * xq[offs[t] : offs[t] + Ho*Wq], cropped.
+
+    xq: one image's phase planes; wk: (taps,) the weights of one output channel; offs:
+    (taps,) its group's tap offsets; acc: (Ho*Wq,) scratch, the plane on the wide grid.
+    Each tap is ONE axpy over the whole wide plane (Ho*Wq = 840 values at res3 3x3 28x28,
+    3248 at res2 56x56): both operands contiguous, no bounds, no per-row set-up, so gcc's
+    vector loop runs full zmm width and the scalar tail is a few elements per tap, not per
+    row. The plane (3.3 KiB float32 at res3, 13 KiB at res2) stays in L1 across the taps.
+    The Wq - Wo junk columns per row (reading the padding or the next row) are dropped by
+    the final copy."""
+    cdef Py_ssize_t wide = g.Ho * q.Wq, t, f, oh
+    cdef const real *src
+    cdef real wv
+    for f in range(wide):
+        acc[f] = 0
+    for t in range(q.taps):
+        wv = wk[t]
+        src = xq + offs[t]
+        for f in range(wide):
+            acc[f] += wv * src[f]
+    for oh in range(g.Ho):
+        memcpy(out + oh * g.Wo, acc + oh * q.Wq, g.Wo * sizeof(real))
+
+
+cdef wide_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :, :, ::1] out,
+              Geom g, Py_ssize_t pad_bottom, Py_ssize_t pad_right, bint threads):
+    """Stages 2 and 3: split every (image, channel) plane into xq (N, C, sh, sw, Hq, Wq) +
+    slack, then every (image, output channel) plane by plane_wide; on one thread, or both
+    loops over the OpenMP team with one acc row per thread."""
+    cdef WideGrid q = wide_grid(&g, pad_bottom, pad_right)
+    cdef Py_ssize_t image = g.C * q.chan, wide = g.Ho * q.Wq, t, n, k
+    # The last tap's junk columns read up to (kW-1)*dW // sW past the last phase plane.
+    cdef Py_ssize_t slack = g.kw * g.dw
+    cdef int team = openmp.omp_get_max_threads() if threads else 1
+    # One acc row per thread, rows a whole number of cache lines apart plus one spare line,
+    # so no two threads ever write the same line. With rows packed back to back (res3: 840
+    # floats, so the two rows shared one line, written by both threads on every tap) res3 on
+    # 2 threads took 27-30 ms, slower than one thread (8 ms; loaded machine); padded: 4 ms.
+    cdef Py_ssize_t lanes = 64 // sizeof(real), row = round_up(wide, lanes) + lanes
+    dtype = np.float32 if real is float else np.float64
+    cdef real[::1] xq_store = np.empty(g.N * image + slack, dtype=dtype)
+    cdef real[:, ::1] acc_store = np.empty((team, row), dtype=dtype)
+    cdef Py_ssize_t[::1] offs_store = np.empty(g.groups * q.taps, dtype=np.intp)
     cdef const real *px = &x[0, 0, 0, 0]
     cdef const real *pw = &w[0, 0, 0, 0]
     cdef real *po = &out[0, 0, 0, 0]
-    cdef const real *pb = &bias[0] if bias is not None else NULL
+    cdef real *xq = &xq_store[0]
+    cdef real *acc = &acc_store[0, 0]
+    cdef Py_ssize_t *offs = &offs_store[0]
     with nogil:
+        memset(xq + g.N * image, 0, slack * sizeof(real))
+        tap_offsets(offs, &g, &q)
         if threads:
-            for t in prange(g.N * g.K, schedule="static"):
-                plane_direct(px, pw, po, &g, t // g.K, t % g.K, pb, relu)
+            for t in prange(g.N * g.C, schedule="static", num_threads=team):
+                split_plane(px + t * g.H * g.W, xq + t * q.chan, &g, &q)
+            for t in prange(g.N * g.K, schedule="static", num_threads=team):
+                n = t // g.K
+                k = t % g.K
+                plane_wide(xq + n * image, pw + k * q.taps, offs + k // g.Kg * q.taps,
+                           acc + openmp.omp_get_thread_num() * row, po + t * g.Ho * g.Wo,
+                           &g, &q)
         else:
+            for t in range(g.N * g.C):
+                split_plane(px + t * g.H * g.W, xq + t * q.chan, &g, &q)
             for t in range(g.N * g.K):
-                plane_direct(px, pw, po, &g, t // g.K, t % g.K, pb, relu)
+                n = t // g.K
+                k = t % g.K
+                plane_wide(xq + n * image, pw + k * q.taps, offs + k // g.Kg * q.taps, acc,
+                           po + t * g.Ho * g.Wo, &g, &q)
 
 
-@register("conv2d", "cython", "vectorized", "row-wide axpy per (channel, tap, row), SIMD FMA",
+def run_wide(x, w, out, p, threads):
+    g = geometry(x, w, out, p)
+    if x.dtype.char == "f":
+        wide_run[float](x, w, out, g, p.pad_bottom, p.pad_right, threads)
+    else:
+        wide_run[double](x, w, out, g, p.pad_bottom, p.pad_right, threads)
+
+
+@register("conv2d", "cython", "vectorized",
+          "padded wide-grid copy, then one contiguous SIMD axpy per tap over a whole plane",
           max_flops=5e9)
 def conv2d_vectorized(x, w, out, p):
     """Stage 2 · vectorized.
 
-    Changed since `naive`: the padding test moves out of the inner loop. For each output row,
-    input channel and tap, the valid output columns [lo, hi) are computed once (valid_range)
-    and the row is updated by out[oh, lo:hi] += w[k, c, r, s] * x[c, ih, lo*sw+off : ...]:
-    unit stride when stride == 1, no branches, so gcc emits packed FMAs.
-    Bottleneck removed: the per-tap branch and scalar arithmetic.
-    Still missing: one thread; every tap re-loads and re-stores the output row (one load +
-    one store per FMA, L1 bound) and each weight is used for one row only (no register
-    blocking over output channels).
+    Changed since `naive`: each image is first copied once into zero-padded planes split by
+    stride phase (`split_plane`; phase (a, b) holds padded rows a, a+sh, ... and columns
+    b, b+sw, ...), the "wide grid". There every tap (c, r, s) becomes ONE offset
+    (`tap_offsets`): output pixel f = oh*Wq + ow reads xq[offset + f], Wq >= Wo being the
+    phase-plane width. The loops are reordered to (image, output channel), taps, pixels, and
+    the innermost loop is an axpy over the whole wide output plane,
+    acc[f] += w[k, t] * xq[offs[t] + f], contiguous in both arrays, branch-free, so gcc
+    (-O3 -march=native -ffp-contract=fast) emits zmm FMAs. The Wq - Wo junk columns of each
+    row (7 % at res3) are computed and dropped in the store. Stride, dilation, asymmetric
+    padding and groups (depthwise) are all in the offsets.
+    Bottleneck removed: short rows and per-row set-up. The previous version of this stage
+    updated one output row (28 values at res3) per (channel, tap, row), working out the
+    valid columns for every row: with a 16-lane vector loop that is 1 full vector + a 12-
+    element tail, plus the range arithmetic, for 28 FMAs. Measured (float32, batch 1,
+    1 thread, median of 9 calls; old and new builds run in alternating processes, 3 rounds,
+    on the shared 2-core VM): res3 3x3 C128 28x28 K128 5.0-5.2 -> 27-34 GFLOP/s, res2 3x3
+    C64 56x56 K64 8.2-8.7 -> 32-35, stem 7x7/2 C3 224x224 K64 5.9-6.1 -> 18-23.
+    Still missing: one core; every FMA loads and stores its output element (each tap
+    re-reads and re-writes the whole plane from L1) and each loaded input feeds one FMA:
+    no register blocking over output channels or taps.
     """
-    g = geometry(x, w, out, p)
-    if x.dtype.char == "f":
-        planes_run[float](x, w, out, g, False, None, False)
-    else:
-        planes_run[double](x, w, out, g, False, None, False)
+    # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
+    run_wide(x, w, out, p, False)
 
 
 # ---------------------------------------------------------------------------- 3 parallel
-@register("conv2d", "cython", "parallel", "vectorized rows, OpenMP prange over output planes",
+@register("conv2d", "cython", "parallel",
+          "vectorized wide-grid planes, OpenMP prange over (image, channel) planes",
           max_flops=1e10)
 def conv2d_parallel(x, w, out, p):
     """Stage 3 · parallel.
 
-    Changed since `vectorized`: the N x K output planes are spread over the OpenMP threads
-    (prange, static schedule: every plane costs the same). Each thread owns whole planes, so
-    there is no write sharing.
-    Bottleneck removed: the idle second core.
-    Still missing: the arithmetic intensity is unchanged: per FMA one load of x, one load and
-    one store of out; nothing is held in registers across channels.
+    Changed since `vectorized`: the padding copy (N x C input planes) and the N x K output
+    planes are `prange` loops (static schedule: every plane costs the same), each thread
+    with its own wide-plane accumulator row (acc_store[thread]), so there is no write
+    sharing. A plane is a large unit (res3: 1152 taps x 840 pixels, ~1 M FMAs), so the
+    team's start-up and the uneven last planes are noise.
+    Bottleneck removed: the idle second core. Measured as for `vectorized` (2 threads;
+    before: the row-axpy planes on 2 threads): res3 6.7-9.3 -> 50-63 GFLOP/s, res2
+    11.7-15.9 -> 54-63, stem 13.7-15.9 -> 33-39, i.e. 1.5-2.3x the one-thread stage.
+    Still missing: the arithmetic intensity is unchanged: per FMA one load of x, one load
+    and one store of acc; every input plane is streamed once per output channel (K times).
     """
-    g = geometry(x, w, out, p)
-    if x.dtype.char == "f":
-        planes_run[float](x, w, out, g, True, None, False)
-    else:
-        planes_run[double](x, w, out, g, True, None, False)
+    # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  out: (N, K, Ho, Wo)
+    run_wide(x, w, out, p, True)
 
 
 # ---------------------------------------------------------------------------- 4 tiled
