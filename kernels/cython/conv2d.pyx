@@ -630,9 +630,9 @@ def conv2d_tiled(x, w, out, p):
     independent FMA chains) and stored once, bias + ReLU included. Measured on 3x3 C128
     56x56 float32 with bias + ReLU against PyTorch 2.13 eager (2 threads, interleaved blocks,
     loaded machine): 0.16 ms vs 0.22 ms at batch 1 (1.4x), 1.8 vs 3.6 ms at batch 8 (2.0x);
-    the `parallel` stage's row-axpy planes it replaces (one load + store of the output row
-    per tap) ran at 0.43x of PyTorch. Strided columns (stride_w > 1) or a build without
-    AVX-512 keep those row-axpy planes.
+    the row-axpy planes it replaces (`planes_run`: one load + store of the output row per
+    tap, the earlier `parallel` stage's method) ran at 0.43x of PyTorch. Strided columns
+    (stride_w > 1) or a build without AVX-512 keep those row-axpy planes.
     Small outputs with many channels take the "dense" variant (gemm.pxi kind 3, chosen by
     `use_dense` from a tile count): the images are folded into the GEMM columns
     (N = images x Ho*Wo) and each task copies its dense columns from the padded planes into
