@@ -235,6 +235,7 @@ def test_direct_path_paddings_strides_and_image_blocks(dtype, dense, rng):
         ((1, 3, 10, 12), (4, 3, 2, 3), (0, 1, 1, 0), (3, 2), 1, (1, 2)),  # dilation > stride
         ((3, 8, 5, 5), (140, 8, 3, 3), (1, 1, 1, 1), (1, 1), 1, (1, 1)),  # auto: dense
         ((2, 4, 7, 6), (272, 2, 3, 3), (1, 0, 2, 1), (1, 2), 2, (2, 1)),  # dense, 2 groups
+        ((8, 16, 7, 7), (512, 16, 3, 3), (1, 1, 1, 1), (1, 1), 1, (1, 1)),  # dense: row halves
     ]
     previous = cv.dense_override
     cv.dense_override = dense
@@ -242,6 +243,23 @@ def test_direct_path_paddings_strides_and_image_blocks(dtype, dense, rng):
         run_direct_cases(cases, dtype, rng)
     finally:
         cv.dense_override = previous
+
+
+def test_dense_grid_balances_partial_tiles():
+    """dense_grid (the dense path's task split) covers the problem with micro-tile multiples,
+    and for res5 3x3 C512 7x7 at batch 8 (392 columns = 12.25 tiles of 32) splits the rows
+    rather than the columns into 224 + 168 (7 vs 5.25 tiles: one thread idle a quarter of
+    the time); at batch 1 the layers keep their one-row-block splits."""
+    mr, nr = cv.micro_tile("float32")
+    for M, N, outer, threads in [(512, 392, 1, 2), (256, 1568, 1, 2), (128, 6272, 1, 2),
+                                 (136, 18, 1, 2), (136, 9, 2, 4), (512, 49, 1, 1)]:
+        mb, nb = cv.dense_grid(M, N, outer, mr, nr, threads)
+        assert mb % mr == 0 and nb % nr == 0 and 0 < nb <= cv.GEMM_BLOCKS["NC_MAX"]
+        assert mb < M + mr and nb < N + nr
+    if (mr, nr) == (8, 32):
+        assert cv.dense_grid(512, 392, 1, mr, nr, 2) == (256, 416)
+        assert cv.dense_grid(512, 49, 1, mr, nr, 2)[0] == 512
+        assert cv.dense_grid(128, 784, 1, mr, nr, 2)[0] == 128
 
 
 def run_direct_cases(cases, dtype, rng):

@@ -382,7 +382,13 @@ cdef enum:
 
 
 dense_override = None
-DENSE_M_SPLIT_COST = 0.1  # task_grid: each m split copies the task's B columns again
+# dense_grid's costs, in micro-tiles (MR x NR over one reduction block). Copying one NR-column
+# sliver costs ~1.7 tiles: perf (1 thread) put the copy at 2.7 % of res5 3x3 C512 7x7 at
+# batch 8 (64 row slivers per copied sliver) and 5.3 % of res4 C256 14x14 (32 per sliver).
+# A task has a fixed cost too (run table, weights re-streamed into L2): res3 C128 28x28 at
+# batch 1 in 7 tasks of 128 columns measured 0.90 vs 0.92-0.93 x torch in 2 of 416.
+DENSE_COPY_TILES = 1.7
+DENSE_TASK_TILES = 4.0
 
 
 def use_dense(Kg, N, P, Pp, nr):
@@ -396,6 +402,41 @@ def use_dense(Kg, N, P, Pp, nr):
     # C/g * kH * kW scattered plane rows: res5 3x3 C512 7x7 at batch 1 (2 tiles either way)
     # measured 1.26 vs 1.20 x torch (2 threads, interleaved).
     return Kg >= DENSE_MIN_ROWS and (dense <= 0.95 * grid or Kg >= 512 and dense <= grid)
+
+
+@lru_cache(maxsize=256)
+def dense_grid(M, N, outer, mr, nr, threads):
+    """(m_block, n_block) for the dense path (kind 3): the split of outer x M x N whose
+    modelled makespan is smallest. Unlike task_grid it charges a half-width last tile half
+    (tile_cost), the column copy per task (DENSE_COPY_TILES per sliver, so every m split
+    pays it again) and a fixed cost per task, and it simulates the dynamic schedule (each task
+    to the least loaded thread, in task order). The 7x7 outputs of res5 at batch 8 are
+    392 columns = 12.25 tiles: task_grid split them 224 + 168 columns (7 vs 5.25 tiles, one
+    thread idle 25 % of the time); this picks 2 row halves x all 392 columns (12.25 tiles
+    each): 0.82 -> 0.88 and 0.89 -> 0.93 x torch in two interleaved runs (2 threads, best
+    medians, old and new split patched into one build); every batch-1 ResNet
+    layer keeps its old split."""
+    m_slivers = (M + mr - 1) // mr
+    n_slivers = (N + nr - 1) // nr
+    best = None
+    for ms in range(1, min(m_slivers, 8) + 1):
+        mb = (m_slivers + ms - 1) // ms * mr
+        for ns in range(max(1, (N + NC_MAX - 1) // NC_MAX), min(n_slivers, 64) + 1):
+            nb = (n_slivers + ns - 1) // ns * nr
+            loads = [0.0] * threads
+            for _ in range(outer):
+                for m0 in range(0, M, mb):
+                    rows = min(mb, M - m0)
+                    for n0 in range(0, N, nb):
+                        tiles = tile_cost(min(nb, N - n0), nr)
+                        i = loads.index(min(loads))
+                        loads[i] += ((rows + mr - 1) // mr + DENSE_COPY_TILES) * tiles
+                        loads[i] += DENSE_TASK_TILES
+            span = max(loads)
+            # Fewer tasks first (ms, ns ascending); a finer split must win by > 1 %.
+            if best is None or span < 0.99 * best[0]:
+                best = (span, mb, nb)
+    return best[1], best[2]
 
 
 def tile_cost(cols, nr):
@@ -460,8 +501,9 @@ cdef direct_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
     if dense:
         src.kind = 3
         cols = g.N * P
-        m_block, n_block = _grid(g.Kg, cols, g.groups, "f" if real is float else "d",
-                                 DENSE_M_SPLIT_COST)
+        m_block, n_block = dense_grid(g.Kg, cols, g.groups, mr_of(&out[0, 0, 0, 0]),
+                                      FO_DIRECT_NV * 64 // sizeof(real),
+                                      openmp.omp_get_max_threads())
     else:
         m_block, n_block = _grid(g.Kg, Pp, ((g.N + src.images_per_task - 1)
                                             // src.images_per_task) * g.groups,
@@ -500,9 +542,9 @@ cdef implicit_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
 
 
 @lru_cache(maxsize=256)
-def _grid(Kg, P, outer, dtype_char, m_split_cost=0.02):
+def _grid(Kg, P, outer, dtype_char):
     mr, nr = micro_tile("float32" if dtype_char == "f" else "float64")
-    return task_grid(Kg, P, outer, mr, nr, openmp.omp_get_max_threads(), m_split_cost)
+    return task_grid(Kg, P, outer, mr, nr, openmp.omp_get_max_threads())
 
 
 # ---------------------------------------------------------------------------- depthwise
