@@ -91,6 +91,15 @@ class Timer:
 
 
 # ------------------------------------------------------------------------------ benchmarks
+def skip_reason(impl, flops, deadline):
+    """Why ``impl`` is not timed on a problem of ``flops`` (None: time it)."""
+    if not impl.fits(flops):
+        return f"max_flops {impl.max_flops:.3g} < {flops:.3g}"
+    if time.monotonic() > deadline:
+        return "time budget spent"
+    return None
+
+
 def bench_matmul(cupy, registry, timer, sizes, deadline, log):
     rows = []
     for n in sizes:
@@ -107,10 +116,9 @@ def bench_matmul(cupy, registry, timer, sizes, deadline, log):
         log(f"matmul {n}: cuBLAS {t_ref * 1e3:.3f} ms, {flops / t_ref / 1e12:.2f} TFLOP/s")
         for impl in registry.ladder("matmul", "cupy"):
             row = dict(size=n, stage=impl.stage)
-            if impl.max_flops is not None and flops > impl.max_flops:
-                row["skipped"] = f"max_flops {impl.max_flops:.3g} < {flops:.3g}"
-            elif time.monotonic() > deadline:
-                row["skipped"] = "time budget spent"
+            skipped = skip_reason(impl, flops, deadline)
+            if skipped:
+                row["skipped"] = skipped
             else:
                 out.fill(float("nan"))
                 t, reps = timer(lambda: impl.kernel(a, b, out))
@@ -162,10 +170,9 @@ def bench_conv(cupy, registry, timer, torch, batch, deadline, log):
             torch.cuda.synchronize()
         for impl in registry.ladder("conv2d_bias_relu", "cupy"):
             entry = dict(impl=f"fastops {impl.stage}")
-            if impl.max_flops is not None and flops > impl.max_flops:
-                entry["skipped"] = f"max_flops {impl.max_flops:.3g} < {flops:.3g}"
-            elif time.monotonic() > deadline:
-                entry["skipped"] = "time budget spent"
+            skipped = skip_reason(impl, flops, deadline)
+            if skipped:
+                entry["skipped"] = skipped
             else:
                 out.fill(float("nan"))
                 t, reps = timer(lambda: impl.kernel(x, w, bias, out, plan.params))

@@ -55,6 +55,10 @@ class Implementation:
 
         return inspect.getdoc(self.kernel) or ""
 
+    def fits(self, flops: float) -> bool:
+        """Whether a problem of ``flops`` is within this stage's practical size (max_flops)."""
+        return self.max_flops is None or flops <= self.max_flops
+
     def supports(self, dtype) -> bool:
         import numpy as np
 

@@ -140,7 +140,7 @@ def candidates(op: str, device: str, dtype, backend: str | None, flops: float):
             continue
         if impl.backend == "numpy" and default.backend != "numpy":
             continue  # the BLAS baseline is what fastops is measured against, not a kernel
-        if impl.max_flops is not None and flops > impl.max_flops and impl != default:
+        if not impl.fits(flops) and impl != default:
             continue
         found.append((f"{impl.backend}/{impl.stage}", impl))
         for variant, kernel in (getattr(impl.kernel, "variants", None) or {}).items():

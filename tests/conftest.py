@@ -19,7 +19,7 @@ def impl_id(impl):
 
 
 def too_big(impl, flops) -> bool:
-    return impl.max_flops is not None and flops > impl.max_flops
+    return not impl.fits(flops)
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ def select(ops, backends=None, stages=None, dtype="float32", mode="quick",
                           position=impl.position, device=impl.device)
                 if not impl.supports(dtype):
                     e.status, e.reason = "skipped", f"dtype {dtype} not supported"
-                elif impl.max_flops is not None and case.flops > impl.max_flops:
+                elif not impl.fits(case.flops):
                     e.status = "skipped"
                     e.reason = f"{case.flops:.3g} FLOPs > max_flops {impl.max_flops:.3g}"
                 entries.append(e)
