@@ -22,6 +22,27 @@ def too_big(impl, flops) -> bool:
     return not impl.fits(flops)
 
 
+def run_concurrently(work, threads: int = 4) -> None:
+    """Run ``work()`` in ``threads`` Python threads at once; re-raise the first failure."""
+    import threading
+
+    errors = []
+
+    def guarded():
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - reported by the calling thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=guarded) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import shutil
 import subprocess
-import threading
 import tracemalloc
 
 import numpy as np
@@ -18,6 +17,8 @@ import fastops
 from fastops import oracle, registry
 from fastops.testing import assert_close
 from fastops.validation import check_conv2d
+
+from conftest import run_concurrently
 
 mm = pytest.importorskip("fastops.kernels.cython.matmul")
 cv = pytest.importorskip("fastops.kernels.cython.conv2d")
@@ -411,25 +412,15 @@ def test_concurrent_calls_from_4_threads(rng):
     bias = rng.standard_normal(24).astype(np.float32)
     ref_mm = oracle.matmul(a, b)
     ref_cv = oracle.conv2d(x, w, bias, 1, 1, relu=True)
-    errors = []
-
     def work():
-        try:
-            for _ in range(10):
-                got = fastops.matmul(a, b, backend="cython", stage="tiled")
-                assert np.allclose(got, ref_mm, rtol=1e-4, atol=1e-3)
-                got = fastops.conv2d_bias_relu(x, w, bias, padding=1, backend="cython",
-                                               stage="fused")
-                assert np.allclose(got, ref_cv, rtol=1e-4, atol=1e-3)
-        except Exception as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        for _ in range(10):
+            got = fastops.matmul(a, b, backend="cython", stage="tiled")
+            assert np.allclose(got, ref_mm, rtol=1e-4, atol=1e-3)
+            got = fastops.conv2d_bias_relu(x, w, bias, padding=1, backend="cython",
+                                           stage="fused")
+            assert np.allclose(got, ref_cv, rtol=1e-4, atol=1e-3)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_concurrently(work, threads=4)
 
 
 def _rss_kib():

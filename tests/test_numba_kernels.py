@@ -6,7 +6,6 @@ what only the Numba kernels have (tile sizes MR/NR/KC/MC/NC, the threading layer
 from __future__ import annotations
 
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ from fastops.kernels.numba import conv2d_bias_relu as nfused  # noqa: E402
 from fastops.kernels.numba import matmul as nmm  # noqa: E402
 from fastops.testing import assert_close  # noqa: E402
 from fastops.validation import check_conv2d  # noqa: E402
+
+from conftest import run_concurrently  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 MATMUL_STAGES = [nmm.matmul_naive, nmm.matmul_vectorized, nmm.matmul_parallel, nmm.matmul_tiled]
@@ -192,24 +193,14 @@ def test_concurrent_calls_from_python_threads(rng):
     for kernel in (nmm.matmul_parallel, nmm.matmul_tiled):  # compile before the race
         kernel(a, b, np.empty((70, 110), np.float32))
     nconv.conv2d_tiled(plan.x, plan.w, np.empty(plan.out_shape, np.float32), plan.params)
-    errors = []
-
     def worker():
-        try:
-            for _ in range(20):
-                for kernel in (nmm.matmul_parallel, nmm.matmul_tiled):
-                    out = np.empty((70, 110), np.float32)
-                    kernel(a, b, out)
-                    assert_close(out, *mm_ref, 90, np.float32, kernel.__name__)
-                out = np.empty(plan.out_shape, np.float32)
-                nconv.conv2d_tiled(plan.x, plan.w, out, plan.params)
-                assert_close(out, *conv_ref, 72, np.float32, "conv2d_tiled")
-        except Exception as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        for _ in range(20):
+            for kernel in (nmm.matmul_parallel, nmm.matmul_tiled):
+                out = np.empty((70, 110), np.float32)
+                kernel(a, b, out)
+                assert_close(out, *mm_ref, 90, np.float32, kernel.__name__)
+            out = np.empty(plan.out_shape, np.float32)
+            nconv.conv2d_tiled(plan.x, plan.w, out, plan.params)
+            assert_close(out, *conv_ref, 72, np.float32, "conv2d_tiled")
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_concurrently(worker, threads=4)
