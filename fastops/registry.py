@@ -113,8 +113,8 @@ def ladder(op: str, backend: str) -> list[Implementation]:
     return implementations(op, backend)
 
 
-def lookup(op: str, backend: str, stage: str) -> Implementation:
-    """The implementation of (op, backend, stage); ValueError listing the valid names if none."""
+def check_backend(op: str, backend: str) -> None:
+    """ValueError, listing the valid names, unless ``backend`` has stages of ``op`` here."""
     from . import backends
 
     backends.load_all()
@@ -125,6 +125,11 @@ def lookup(op: str, backend: str, stage: str) -> Implementation:
         missing = backends.unavailable()
         why = f" ({backend} is not available here: {missing[backend]})" if backend in missing else ""
         raise ValueError(f"unknown backend {backend!r} for {op}; expected one of {available}{why}")
+
+
+def lookup(op: str, backend: str, stage: str) -> Implementation:
+    """The implementation of (op, backend, stage); ValueError listing the valid names if none."""
+    check_backend(op, backend)
     stages = [i.stage for i in ladder(op, backend)]
     if stage not in stages:
         raise ValueError(f"unknown stage {stage!r} for {op}/{backend}; expected one of {stages}")

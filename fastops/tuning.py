@@ -57,9 +57,9 @@ CACHE_FORMAT = 1
 def best(op: str, backend: str, dtype) -> registry.Implementation:
     """The untuned default: ``backend``'s last stage that supports ``dtype``."""
     dtype = np.dtype(dtype)
+    registry.check_backend(op, backend)
     candidates = [i for i in registry.ladder(op, backend) if i.supports(dtype)]
     if not candidates:
-        registry.lookup(op, backend, "")  # raises the "unknown backend" error with the list
         raise TypeError(f"{op}/{backend}: no stage supports dtype {dtype}")
     return candidates[-1]
 
