@@ -10,7 +10,8 @@ import numpy as np
 
 from . import registry
 from .epilogue import add_bias_
-from .validation import check_conv2d, check_matmul, contiguous, is_cupy_array
+from .validation import (array_module, check_conv2d, check_matmul, contiguous,
+                         is_cupy_array)
 
 
 def _device_of(array) -> str:
@@ -63,11 +64,7 @@ def _to_device(arrays, impl):
 
 
 def _empty(like, shape):
-    if is_cupy_array(like):
-        import cupy
-
-        return cupy.empty(shape, dtype=like.dtype)
-    return np.empty(shape, dtype=like.dtype)
+    return array_module(like).empty(shape, dtype=like.dtype)
 
 
 def _result(out, back, original):
@@ -109,11 +106,7 @@ def matmul(a, b, *, backend=None, stage=None):
 
 
 def _broadcast(array, shape):
-    if is_cupy_array(array):
-        import cupy
-
-        return cupy.broadcast_to(array, shape)
-    return np.broadcast_to(array, shape)
+    return array_module(array).broadcast_to(array, shape)
 
 
 def _conv(op, x, w, bias, stride, padding, dilation, groups, backend, stage):

@@ -5,22 +5,14 @@ They work on NumPy and CuPy arrays alike (elementwise ufuncs, no multiply-adds b
 """
 from __future__ import annotations
 
-import numpy as np
-
-
-def _xp(array):
-    if isinstance(array, np.ndarray):
-        return np
-    import cupy  # only reached with a CuPy array, so CuPy is installed
-
-    return cupy
+from .validation import array_module
 
 
 def add_bias_(out, bias) -> None:
     """out (N, K, Ho, Wo) += bias (K,), broadcast over batch and pixels."""
-    _xp(out).add(out, bias.reshape(1, -1, 1, 1), out=out)
+    array_module(out).add(out, bias.reshape(1, -1, 1, 1), out=out)
 
 
 def relu_(out) -> None:
     """out = max(out, 0) in place; NaN stays NaN, as torch.relu."""
-    _xp(out).maximum(out, 0, out=out)
+    array_module(out).maximum(out, 0, out=out)

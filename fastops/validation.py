@@ -32,6 +32,15 @@ def is_cupy_array(obj) -> bool:
     return type(obj).__module__.split(".")[0] == "cupy"
 
 
+def array_module(arr):
+    """numpy for a NumPy array, cupy for a CuPy array (CuPy is only imported when one is seen)."""
+    if is_cupy_array(arr):
+        import cupy
+
+        return cupy
+    return np
+
+
 def as_array(obj, name: str):
     """A NumPy/CuPy array for ``obj`` (no copy when it already is one); TypeError otherwise."""
     if isinstance(obj, np.ndarray) or is_cupy_array(obj):
@@ -66,11 +75,7 @@ def contiguous(arr):
     """C-contiguous version of arr; the same object if it already is (never modified)."""
     if arr.flags.c_contiguous:
         return arr
-    if isinstance(arr, np.ndarray):
-        return np.ascontiguousarray(arr)
-    import cupy
-
-    return cupy.ascontiguousarray(arr)
+    return array_module(arr).ascontiguousarray(arr)
 
 
 # ---------------------------------------------------------------------------------- matmul
