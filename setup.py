@@ -72,6 +72,9 @@ def cython_extensions():
         extensions.append(Extension(
             f"fastops.kernels.cython.{stem}", [pyx],
             include_dirs=[numpy.get_include(), os.path.join("kernels", "cython")],
+            # Rebuild when a shared header or include changes, not only the .pyx.
+            depends=sorted(glob(os.path.join("kernels", "cython", "*.h"))
+                           + glob(os.path.join("kernels", "cython", "*.pxi"))),
             extra_compile_args=compile_args, extra_link_args=link_args,
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         ))

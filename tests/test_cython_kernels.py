@@ -246,6 +246,60 @@ def test_direct_path_paddings_strides_and_image_blocks(dtype, dense, rng):
         cv.dense_override = previous
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ocvec_variant_tails_paddings_and_segments(dtype, rng):
+    """The ocvec variant (output channels in the lanes, ocvec.h), forced on: output widths
+    for every segment width (7, 14, 28) and around them, so a row's last segment sticks out
+    past Wo; output channels around the lane count L (a partial last block); kernel heights
+    1, 3, 5 with vertical dilation; paddings of 0, 1 and more than the kernel reaches (rows
+    with no real tap at all), asymmetric; groups; a reduction long enough for several
+    weight records per row. Both the plain conv and the fused bias + ReLU."""
+    fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
+    lanes = 64 // np.dtype(dtype).itemsize
+    cases = [  # x shape, K, kH, padding, dilation, groups
+        ((2, 3, 7, 7), lanes + 1, 3, 1, 1, 1),
+        ((1, 4, 14, 14), lanes - 1, 3, 1, 1, 1),
+        ((1, 2, 5, 28), 2 * lanes, 3, 1, 1, 1),
+        ((2, 5, 4, 56), 3, 3, 1, 1, 1),
+        ((1, 3, 6, 57), 5, 3, (1, 1), 1, 1),
+        ((3, 4, 9, 13), lanes, 5, (2, 1), (2, 1), 1),  # dilation 2 down, 1 across
+        ((1, 6, 8, 20), 7, 1, (0, 1), 1, 1),  # kH = 1
+        ((1, 4, 5, 29), 9, 3, (4, 1), 1, 1),  # rows with no real tap (padding 4 > reach)
+        ((2, 4, 6, 9), 6, 3, (0, 0), 1, 1),  # no padding: Wo = W - 2
+        ((1, 8, 7, 15), 2 * lanes + 6, 3, (1, 2), 1, 2),  # wider left/right padding, groups
+        ((1, 2, 3, 1), 4, 3, 1, 1, 1),  # a 1-wide input with padding: Wo = 1
+        ((2, 64, 6, 6), lanes, 3, 1, 1, 1),  # 1152-long reduction, several rows of records
+    ]
+    previous = cv.ocvec_override
+    cv.ocvec_override = True
+    try:
+        for xs, k, kh, padding, dilation, groups in cases:
+            x = rng.standard_normal(xs).astype(dtype)
+            w = rng.standard_normal((k, xs[1] // groups, kh, 3)).astype(dtype)
+            bias = rng.standard_normal(k).astype(dtype)
+            what = f"ocvec {xs} K={k} kH={kh} pad={padding} dil={dilation} g={groups}"
+            assert cv.use_ocvec(xs[0], xs[1] // groups, k // groups, kh, 3, 1, 1, 1, 1, 1, 1)
+            check_conv(cv.conv2d_tiled, x, w, 1, padding, dilation, groups, what=what)
+            check_conv(fused, x, w, 1, padding, dilation, groups, bias, what=what + " fused")
+    finally:
+        cv.ocvec_override = previous
+
+
+def test_ocvec_choice():
+    """ocvec only where its kernel applies (kW = 3, unit stride and horizontal dilation, not
+    depthwise) and, by default, where enough output pixels share each reordered weight."""
+    use = cv.use_ocvec  # N, C/g, K/g, kH, kW, sH, sW, dH, dW, Ho, Wo
+    if not use(8, 128, 128, 3, 3, 1, 1, 1, 1, 28, 28):
+        pytest.skip("no ocvec kernel in this build (needs AVX-512)")
+    assert use(8, 512, 512, 3, 3, 1, 1, 1, 1, 7, 7)  # res5 at batch 8: 392 pixels
+    assert not use(1, 512, 512, 3, 3, 1, 1, 1, 1, 7, 7)  # ... at batch 1: 49
+    assert not use(8, 128, 128, 3, 3, 2, 2, 1, 1, 14, 14)  # stride 2
+    assert not use(8, 64, 64, 1, 1, 1, 1, 1, 1, 56, 56)  # 1 x 1
+    assert not use(8, 64, 64, 3, 3, 1, 1, 1, 2, 56, 56)  # horizontal dilation
+    assert not use(8, 1, 1, 3, 3, 1, 1, 1, 1, 56, 56)  # depthwise
+    assert [cv.ocvec_segment_width(wo) for wo in (56, 28, 14, 7, 20, 1)] == [28, 28, 14, 7, 7, 7]
+
+
 def test_dense_grid_balances_partial_tiles():
     """dense_grid (the dense path's task split) covers the problem with micro-tile multiples,
     and for res5 3x3 C512 7x7 at batch 8 (392 columns = 12.25 tiles of 32) splits the rows

@@ -26,6 +26,7 @@ from libc.string cimport memcpy, memset
 
 import numpy as np
 
+from fastops import workspace
 from fastops.registry import register
 
 include "gemm.pxi"
@@ -357,7 +358,7 @@ cdef void pad_phases(const real *x, real *xq, Py_ssize_t planes, Py_ssize_t H, P
     that is just the padded plane. One pass over the image, parallel over the planes."""
     cdef Py_ssize_t t, a, b_, i, ih
     cdef real *row
-    for t in prange(planes, schedule="static"):
+    for t in prange(planes, schedule="dynamic", chunksize=8):
         for a in range(sh):
             for b_ in range(sw):
                 for i in range(Hq):
@@ -516,6 +517,144 @@ cdef direct_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
         raise MemoryError("conv2d/cython/tiled: could not allocate packing buffers")
 
 
+# ---------------------------------------------------------------------------- ocvec variant
+cdef extern from "ocvec.h" nogil:
+    enum:
+        FO_HAVE_OCVEC
+        FO_OCVEC_PIXELS
+    ctypedef struct fo_ocseg:
+        long x, o
+        int n, r0, r1, left, right
+    void fo_ocvec_tile_f(int segw, long C, long kh, long plane, long rstride, const float *xq,
+                         const float *wr, const fo_ocseg *seg, float *out, long P, long k0,
+                         long kmax, const float *bias, int relu)
+    void fo_ocvec_tile_d(int segw, long C, long kh, long plane, long rstride, const double *xq,
+                         const double *wr, const fo_ocseg *seg, double *out, long P, long k0,
+                         long kmax, const double *bias, int relu)
+    void fo_ocvec_pack_f(const float *w, long red, long k0, long kmax, long L, float *wr)
+    void fo_ocvec_pack_d(const double *w, long red, long k0, long kmax, long L, double *wr)
+
+
+ocvec_override = None
+# Output pixels (all images) from which the ocvec variant replaces the implicit GEMM; below,
+# its per-call weight reorder costs more than it saves (measured, see conv2d_tiled).
+OCVEC_MIN_PIXELS = 256
+
+
+def ocvec_segment_width(Wo):
+    """Pixels per segment of the 28-pixel ocvec tile for output rows of Wo columns: 28, 14 or
+    7 (then 1, 2 or 4 segments, each in one output row), whichever computes fewest unused
+    columns (a row's last segment may stick out past Wo); ties to the longer segment."""
+    return min((28, 14, 7), key=lambda s: -(-Wo // s) * s - Wo)
+
+
+def use_ocvec(N, Cg, Kg, kh, kw, sh, sw, dh, dw, Ho, Wo):
+    """The ocvec variant for this conv? Its kernel needs kW = 3 with unit horizontal stride
+    and dilation and unit vertical stride, and AVX-512."""
+    if not (FO_HAVE_OCVEC and fo_simd_enabled):
+        return False
+    if not (kw == 3 and sw == 1 and dw == 1 and sh == 1 and Cg > 1):
+        return False
+    if ocvec_override is not None:  # tests and benchmarks force it on (where it fits) or off
+        return bool(ocvec_override)
+    # The weights are reordered on every call (K x C/g x kH x 3 values, read and written
+    # once): worth it when each reordered weight then serves enough pixels.
+    return N * Ho * Wo >= OCVEC_MIN_PIXELS
+
+
+cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :, :, ::1] out,
+               Geom g, Py_ssize_t pad_bottom, Py_ssize_t pad_right, const real[::1] bias,
+               bint relu):
+    """Conv by fo_ocvec_tile (ocvec.h): output channels in the vector lanes, every 28-pixel
+    tile accumulated over the whole reduction in registers, padding taps skipped."""
+    cdef WideGrid q = wide_grid(&g, pad_bottom, pad_right)  # stride 1: one plane (Hq, Wq)
+    cdef Py_ssize_t L = 64 // sizeof(real)  # output channels per tile
+    cdef int segw = ocvec_segment_width(g.Wo)
+    cdef Py_ssize_t segs = FO_OCVEC_PIXELS // segw
+    cdef Py_ssize_t per_row = (g.Wo + segw - 1) // segw
+    cdef Py_ssize_t nchunks = g.Ho * per_row, tiles = (nchunks + segs - 1) // segs
+    cdef Py_ssize_t red = q.taps, blocks = (g.Kg + L - 1) // L
+    cdef Py_ssize_t image = g.C * q.chan
+    # A row's last segment reads up to segw + 1 columns past its start, the last row of the
+    # last plane included: keep that inside the buffer.
+    cdef Py_ssize_t slack = segw + 2 + 64
+    cdef int threads = openmp.omp_get_max_threads()
+    # Tasks (group, channel block, image, run of tiles), runs only as fine as needed for
+    # >= 8 tasks per thread; consecutive tasks share a channel block (its weights in cache).
+    cdef Py_ssize_t units = g.groups * blocks * g.N
+    cdef Py_ssize_t runs = min(tiles, max(1, (8 * threads + units - 1) // units))
+    cdef Py_ssize_t run = (tiles + runs - 1) // runs
+    runs = (tiles + run - 1) // run
+    cdef Py_ssize_t i, oh, ow0, r
+    dtype = np.float32 if real is float else np.float64
+    # The segments of every tile of one image (the same for all images and channel blocks).
+    seg_store = np.zeros(tiles * segs * sizeof(fo_ocseg), dtype=np.uint8)
+    cdef fo_ocseg *seg = <fo_ocseg *> <size_t> seg_store.ctypes.data
+    for i in range(nchunks):
+        oh = i // per_row
+        ow0 = (i % per_row) * segw
+        seg[i].x = oh * q.Wq + ow0
+        seg[i].o = oh * g.Wo + ow0
+        seg[i].n = <int> min(segw, g.Wo - ow0)
+        seg[i].r0 = <int> g.kh
+        seg[i].r1 = 0
+        for r in range(g.kh):  # the kernel rows that read a real input row
+            if 0 <= oh - g.pt + r * g.dh < g.H:
+                seg[i].r0 = <int> min(seg[i].r0, r)
+                seg[i].r1 = <int> (r + 1)
+        seg[i].left = ow0 - g.pl < 0  # broadcast 0 = column ow0 - pl of the input
+        seg[i].right = ow0 + segw + 1 - g.pl >= g.W  # broadcast segw + 1
+    cdef real[::1] xq_store
+    cdef real[::1] wr_store
+    with workspace.borrow(g.N * image + slack, dtype) as xq_arr, \
+            workspace.borrow(g.groups * blocks * red * L, dtype) as wr_arr:
+        xq_store = xq_arr
+        wr_store = wr_arr
+        ocvec_loops(&x[0, 0, 0, 0], &w[0, 0, 0, 0], &out[0, 0, 0, 0],
+                    &bias[0] if bias is not None else NULL, relu, &xq_store[0], &wr_store[0],
+                    seg, &g, &q, segw, segs, red, blocks, L, image, slack, units, tiles, run,
+                    runs, threads)
+
+
+cdef void ocvec_loops(const real *px, const real *pw, real *po, const real *pbias, bint relu,
+                      real *xq, real *wr, const fo_ocseg *seg, const Geom *gp,
+                      const WideGrid *qp, int segw, Py_ssize_t segs, Py_ssize_t red,
+                      Py_ssize_t blocks, Py_ssize_t L, Py_ssize_t image, Py_ssize_t slack,
+                      Py_ssize_t units, Py_ssize_t tiles, Py_ssize_t run, Py_ssize_t runs,
+                      int threads) noexcept:
+    """ocvec_run's passes: pad the images, reorder the weights, then the tiles."""
+    cdef Geom g = gp[0]
+    cdef WideGrid q = qp[0]
+    cdef Py_ssize_t t, u, grp, kb, n, tile, P = g.Ho * g.Wo, plane = q.Hq * q.Wq
+    with nogil:
+        pad_phases(px, xq, g.N * g.C, g.H, g.W, 1, 1, q.Hq, q.Wq, g.pt, g.pl, slack)
+        for t in prange(g.groups * blocks, schedule="dynamic", num_threads=threads):
+            if real is float:
+                fo_ocvec_pack_f(pw + (t // blocks) * g.Kg * red, red, (t % blocks) * L, g.Kg,
+                                L, wr + t * red * L)
+            else:
+                fo_ocvec_pack_d(pw + (t // blocks) * g.Kg * red, red, (t % blocks) * L, g.Kg,
+                                L, wr + t * red * L)
+        for t in prange(units * runs, schedule="dynamic", num_threads=threads):
+            u = t // runs  # (group, block, image)
+            n = u % g.N
+            kb = (u // g.N) % blocks
+            grp = u // (g.N * blocks)
+            for tile in range((t % runs) * run, min((t % runs) * run + run, tiles)):
+                if real is float:
+                    fo_ocvec_tile_f(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
+                                    xq + n * image + grp * g.Cg * plane,
+                                    wr + (grp * blocks + kb) * red * L, seg + tile * segs,
+                                    po + (n * g.K + grp * g.Kg) * P, P, kb * L, g.Kg,
+                                    pbias + grp * g.Kg if pbias != NULL else NULL, relu)
+                else:
+                    fo_ocvec_tile_d(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
+                                    xq + n * image + grp * g.Cg * plane,
+                                    wr + (grp * blocks + kb) * red * L, seg + tile * segs,
+                                    po + (n * g.K + grp * g.Kg) * P, P, kb * L, g.Kg,
+                                    pbias + grp * g.Kg if pbias != NULL else NULL, relu)
+
+
 cdef implicit_gemm_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w,
                     real[:, :, :, ::1] out,
                        Geom g, const real[::1] bias, bint relu, Py_ssize_t m_block,
@@ -617,6 +756,12 @@ def conv2d_tiled_epilogue(x, w, out, p, bias=None, relu=False):
             planes_run[float](x, w, out, g, True, bias, relu)
         else:
             planes_run[double](x, w, out, g, True, bias, relu)
+        return
+    if use_ocvec(g.N, g.Cg, g.Kg, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.Ho, g.Wo):
+        if x.dtype.char == "f":
+            ocvec_run[float](x, w, out, g, p.pad_bottom, p.pad_right, bias, relu)
+        else:
+            ocvec_run[double](x, w, out, g, p.pad_bottom, p.pad_right, bias, relu)
         return
     # The direct path (B read in place from padded phase planes) needs AVX-512 and int32
     # offsets within one image's planes; otherwise the packed implicit GEMM runs.

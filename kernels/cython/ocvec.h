@@ -1,0 +1,173 @@
+/* Direct convolution with output channels in the vector lanes ("ocvec"), for the Cython
+ * conv2d chapter: the tiled stage's path for batched convs with 3-wide kernel rows (kW = 3,
+ * unit horizontal stride and dilation: every 3x3 ResNet layer), chosen by conv2d.pyx.
+ *
+ * The implicit-GEMM kernel (microkernel.h, fo_ukernel_*_direct) puts output PIXELS in the
+ * lanes: per reduction step it loads 2 vectors of the image (32 pixels) and broadcasts 8
+ * weights: 10 loads per 16 FMAs, and it multiplies the zero padding like any other input.
+ * Here, as in oneDNN's AVX-512 direct convolution, the lanes hold 16 output CHANNELS:
+ *
+ *   register tile: 28 output pixels x 16 output channels = 28 zmm accumulators, made of
+ *   SEGS segments of SEGW consecutive pixels of one output row (28 x 1 for rows of 28 or
+ *   56, 14 x 2 for 14, 7 x 4 for 7), + 3 zmm of weights + 1 broadcast = all 32 registers.
+ *   per (input channel c, kernel row r): load the 3 weight vectors w[c, r, 0..2] (16 output
+ *   channels each), then per segment broadcast its SEGW + 2 input values of that row once
+ *   each: input value i feeds up to 3 pixels (j = i - s for the taps s = 0, 1, 2), so
+ *   3 loads + ~34 broadcasts serve 84 FMAs (0.44 loads per FMA, against 0.63).
+ *
+ * Zero padding is skipped, not multiplied: a segment whose input row is padding for
+ * kernel row r is left out of that row's FMAs, and the padding column left of a row
+ * (right of it) is never broadcast. oneDNN does the same, which is how PyTorch measured
+ * 119 GF/s on one thread for res5 3x3 C512 7x7 at batch 8, "above" the 117 GF/s FMA peak:
+ * 18 % of that layer's multiply-adds touch padding (9 % at 14x14, 5 % at 28x28).
+ *
+ * A call owns its tile for the whole reduction, so the tile is written exactly once, with
+ * bias + ReLU, through a small buffer that turns pixel-major registers into NCHW rows.
+ *
+ *   xq:   the zero-padded phase planes of one image (conv2d.pyx pad_phases), row width Wq,
+ *         channel stride `plane`; pixel (oh, ow), tap (c, r, s) reads
+ *         xq[c * plane + (oh * sh + r * dh) * Wq + ow + s]  (rows: padded coordinates).
+ *   wr:   the weights reordered for 16 output channels: wr[((c * kh + r) * 3 + s) * L + l]
+ *         = w[k0 + l, c, r, s] (zeros past the last channel).
+ *   seg:  the tile's segments (output row, first column, and what they may skip).
+ */
+#ifndef FASTOPS_OCVEC_H
+#define FASTOPS_OCVEC_H
+
+#include "microkernel.h"
+
+/* One row segment of a tile. */
+typedef struct {
+    long x;     /* offset of its first pixel's tap (c=0, r=0, s=0) in xq: oh*sh*Wq + ow0 */
+    long o;     /* offset of its first pixel in an output channel plane: oh * Wo + ow0 */
+    int n;      /* pixels to store (<= SEGW; 0: an unused segment) */
+    int r0, r1; /* kernel rows whose input row is inside the image (others: padding) */
+    int left;   /* 1: the input column left of the segment is padding (skip it) */
+    int right;  /* 1: the input column right of the segment is padding (skip it) */
+} fo_ocseg;
+
+#define FO_OCVEC_PIXELS 28 /* pixels per tile */
+
+#if FO_X86 && defined(__AVX512F__)
+#define FO_HAVE_OCVEC 1
+
+#define FO_DEFINE_OCVEC(NAME, T, VT, L, SET1, ZERO, LOADU, STORE, FMA)                          \
+    /* Segment g's FMAs for one (c, r): broadcasts i = lo .. SEGW + 1 - hi_skip. */             \
+    static inline __attribute__((always_inline)) void NAME##_seg(                               \
+        const int SEGW, const int skip_l, const int skip_r, const T *xs, VT w0, VT w1, VT w2,   \
+        VT *acc) {                                                                              \
+        _Pragma("GCC unroll 30") for (int i = skip_l; i < SEGW + 2 - skip_r; i++) {             \
+            VT b = SET1(xs[i]);                                                                 \
+            if (i < SEGW) acc[i] = FMA(b, w0, acc[i]);                     /* s = 0, j = i */   \
+            if (i >= 1 && i - 1 < SEGW) acc[i - 1] = FMA(b, w1, acc[i - 1]); /* s = 1 */        \
+            if (i >= 2) acc[i - 2] = FMA(b, w2, acc[i - 2]);               /* s = 2 */          \
+        }                                                                                       \
+    }                                                                                           \
+    static inline __attribute__((always_inline)) void NAME##_segs(                              \
+        const int SEGW, const int SEGS, const int edges, long C, long kh, long plane,           \
+        long rstride, const T *xq, const T *wr, const fo_ocseg *seg, VT (*acc)[FO_OCVEC_PIXELS]) {         \
+        /* edges: the skip pattern shared by all segments (bit 0 left, bit 1 right). */        \
+        for (long r = 0; r < kh; r++) {                                                         \
+            int on[SEGS];                                                                       \
+            _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++)                              \
+                on[g] = seg[g].n > 0 && r >= seg[g].r0 && r < seg[g].r1;                        \
+            const T *xr = xq + r * rstride;                                                     \
+            const T *wp = wr + r * 3 * L;                                                       \
+            for (long c = 0; c < C; c++) {                                                      \
+                VT w0 = LOADU(wp), w1 = LOADU(wp + L), w2 = LOADU(wp + 2 * L);                  \
+                _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++) if (on[g]) {             \
+                    const T *xs = xr + seg[g].x;                                                \
+                    __asm__("" : "+r"(xs)); /* one base register, constant displacements */    \
+                    NAME##_seg(SEGW, edges & 1, (edges >> 1) & 1, xs, w0, w1, w2, acc[g]);      \
+                }                                                                               \
+                xr += plane;                                                                    \
+                wp += kh * 3 * L;                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    static inline __attribute__((always_inline)) void NAME##_tile(                              \
+        const int SEGW, const int SEGS, long C, long kh, long plane, long rstride,              \
+        const T *xq, const T *wr, const fo_ocseg *seg, T *out, long P, long k0, long kmax,      \
+        const T *bias, int relu) {                                                              \
+        VT acc[4][FO_OCVEC_PIXELS]; /* [segment][pixel]; only SEGS x SEGW are used */          \
+        _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++)                                  \
+            _Pragma("GCC unroll 28") for (int j = 0; j < SEGW; j++) acc[g][j] = ZERO();         \
+        /* The skip pattern is the same for every segment of a tile whenever segments are   \
+         * whole rows (SEGW >= Wo); otherwise (28-pixel halves of 56-wide rows) segments   \
+         * differ, and the conservative pattern 0 (skip nothing) is exact too. */           \
+        int edges = seg[0].left | (seg[0].right << 1);                                          \
+        for (int g = 1; g < SEGS; g++)                                                          \
+            if (seg[g].n > 0 && (seg[g].left | (seg[g].right << 1)) != edges) edges = 0;        \
+        switch (edges) {                                                                        \
+        case 3: NAME##_segs(SEGW, SEGS, 3, C, kh, plane, rstride, xq, wr, seg, acc); break;     \
+        case 1: NAME##_segs(SEGW, SEGS, 1, C, kh, plane, rstride, xq, wr, seg, acc); break;     \
+        case 2: NAME##_segs(SEGW, SEGS, 2, C, kh, plane, rstride, xq, wr, seg, acc); break;     \
+        default: NAME##_segs(SEGW, SEGS, 0, C, kh, plane, rstride, xq, wr, seg, acc); break;    \
+        }                                                                                       \
+        /* Pixel-major registers -> channel-major rows of out, with bias and ReLU. */         \
+        T buf[FO_OCVEC_PIXELS * L] __attribute__((aligned(64)));                                \
+        _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++)                                  \
+            _Pragma("GCC unroll 28") for (int j = 0; j < SEGW; j++)                             \
+                STORE(buf + (g * SEGW + j) * L, acc[g][j]);                                     \
+        long kend = k0 + L < kmax ? k0 + L : kmax;                                              \
+        for (long k = k0; k < kend; k++) {                                                      \
+            T bk = bias ? bias[k] : (T)0;                                                       \
+            const T *col = buf + (k - k0);                                                      \
+            for (int g = 0; g < SEGS; g++) {                                                    \
+                T *o = out + k * P + seg[g].o;                                                  \
+                for (int j = 0; j < seg[g].n; j++) {                                            \
+                    T v = col[(g * SEGW + j) * L] + bk;                                         \
+                    o[j] = (relu && v < (T)0) ? (T)0 : v; /* NaN stays NaN */                   \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    /* One tile: `segw` = 28, 14 or 7 pixels per segment (28 / segw segments). */             \
+    static void NAME(int segw, long C, long kh, long plane, long rstride, const T *xq,          \
+                     const T *wr, const fo_ocseg *seg, T *out, long P, long k0, long kmax,      \
+                     const T *bias, int relu) {                                                 \
+        if (segw == 28)                                                                         \
+            NAME##_tile(28, 1, C, kh, plane, rstride, xq, wr, seg, out, P, k0, kmax, bias, relu); \
+        else if (segw == 14)                                                                    \
+            NAME##_tile(14, 2, C, kh, plane, rstride, xq, wr, seg, out, P, k0, kmax, bias, relu); \
+        else                                                                                    \
+            NAME##_tile(7, 4, C, kh, plane, rstride, xq, wr, seg, out, P, k0, kmax, bias, relu);  \
+    }
+
+FO_DEFINE_OCVEC(fo_ocvec_tile_f, float, __m512, 16, _mm512_set1_ps, _mm512_setzero_ps,
+                _mm512_loadu_ps, _mm512_store_ps, _mm512_fmadd_ps)
+FO_DEFINE_OCVEC(fo_ocvec_tile_d, double, __m512d, 8, _mm512_set1_pd, _mm512_setzero_pd,
+                _mm512_loadu_pd, _mm512_store_pd, _mm512_fmadd_pd)
+
+#else
+#define FO_HAVE_OCVEC 0
+static void fo_ocvec_tile_f(int segw, long C, long kh, long plane, long rstride,
+                            const float *xq, const float *wr, const fo_ocseg *seg, float *out,
+                            long P, long k0, long kmax, const float *bias, int relu) {}
+static void fo_ocvec_tile_d(int segw, long C, long kh, long plane, long rstride,
+                            const double *xq, const double *wr, const fo_ocseg *seg,
+                            double *out, long P, long k0, long kmax, const double *bias,
+                            int relu) {}
+#endif
+
+/* The weight reorder: wr (red, L) = rows k0 .. k0 + L of w (K rows of red values, row-major),
+ * transposed, rows past kmax as zeros. In blocks of 64 reduction steps, so the 64 x L block
+ * of wr being filled (4 KiB) stays in L1 while the L rows of w are read sequentially. */
+#define FO_DEFINE_OCVEC_PACK(NAME, T)                                                           \
+    static void NAME(const T *w, long red, long k0, long kmax, long L, T *wr) {                 \
+        for (long p0 = 0; p0 < red; p0 += 64) {                                                 \
+            long p1 = p0 + 64 < red ? p0 + 64 : red;                                            \
+            for (long l = 0; l < L; l++) {                                                      \
+                if (k0 + l < kmax) {                                                            \
+                    const T *src = w + (k0 + l) * red;                                          \
+                    for (long p = p0; p < p1; p++) wr[p * L + l] = src[p];                      \
+                } else {                                                                        \
+                    for (long p = p0; p < p1; p++) wr[p * L + l] = (T)0;                        \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }
+FO_DEFINE_OCVEC_PACK(fo_ocvec_pack_f, float)
+FO_DEFINE_OCVEC_PACK(fo_ocvec_pack_d, double)
+
+#endif /* FASTOPS_OCVEC_H */
