@@ -572,29 +572,33 @@ cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :
     cdef int segw = ocvec_segment_width(g.Wo)
     cdef Py_ssize_t segs = FO_OCVEC_PIXELS // segw
     cdef Py_ssize_t per_row = (g.Wo + segw - 1) // segw
-    cdef Py_ssize_t nchunks = g.Ho * per_row, tiles = (nchunks + segs - 1) // segs
+    # Segments over all images (image-major), so tiles run on across image boundaries:
+    # 7 x 7 outputs at batch 8 fill 14 tiles of 4 rows, not 8 x 2 tiles with 7 of 8 rows.
+    cdef Py_ssize_t nchunks = g.N * g.Ho * per_row, tiles = (nchunks + segs - 1) // segs
     cdef Py_ssize_t red = q.taps, blocks = (g.Kg + L - 1) // L
     cdef Py_ssize_t image = g.C * q.chan
     # A row's last segment reads up to segw + 1 columns past its start, the last row of the
     # last plane included: keep that inside the buffer.
     cdef Py_ssize_t slack = segw + 2 + 64
     cdef int threads = openmp.omp_get_max_threads()
-    # Tasks (group, channel block, image, run of tiles), runs only as fine as needed for
-    # >= 8 tasks per thread; consecutive tasks share a channel block (its weights in cache).
-    cdef Py_ssize_t units = g.groups * blocks * g.N
+    # Tasks (group, channel block, run of tiles), runs only as fine as needed for >= 8 tasks
+    # per thread; consecutive tasks share a channel block (its weights in cache).
+    cdef Py_ssize_t units = g.groups * blocks
     cdef Py_ssize_t runs = min(tiles, max(1, (8 * threads + units - 1) // units))
     cdef Py_ssize_t run = (tiles + runs - 1) // runs
     runs = (tiles + run - 1) // run
-    cdef Py_ssize_t i, oh, ow0, r
+    cdef Py_ssize_t i, n, oh, ow0, r
     dtype = np.float32 if real is float else np.float64
-    # The segments of every tile of one image (the same for all images and channel blocks).
+    # The segments of every tile (the same for all channel blocks and groups); x and o
+    # count from image 0 of the group's input planes / output channels.
     seg_store = np.zeros(tiles * segs * sizeof(fo_ocseg), dtype=np.uint8)
     cdef fo_ocseg *seg = <fo_ocseg *> <size_t> seg_store.ctypes.data
     for i in range(nchunks):
-        oh = i // per_row
+        n = i // (g.Ho * per_row)
+        oh = i // per_row % g.Ho
         ow0 = (i % per_row) * segw
-        seg[i].x = oh * q.Wq + ow0
-        seg[i].o = oh * g.Wo + ow0
+        seg[i].x = n * image + oh * q.Wq + ow0
+        seg[i].o = n * g.K * g.Ho * g.Wo + oh * g.Wo + ow0
         seg[i].n = <int> min(segw, g.Wo - ow0)
         seg[i].r0 = <int> g.kh
         seg[i].r1 = 0
@@ -625,7 +629,7 @@ cdef void ocvec_loops(const real *px, const real *pw, real *po, const real *pbia
     """ocvec_run's passes: pad the images, reorder the weights, then the tiles."""
     cdef Geom g = gp[0]
     cdef WideGrid q = qp[0]
-    cdef Py_ssize_t t, u, grp, kb, n, tile, P = g.Ho * g.Wo, plane = q.Hq * q.Wq
+    cdef Py_ssize_t t, u, grp, kb, tile, P = g.Ho * g.Wo, plane = q.Hq * q.Wq
     with nogil:
         pad_phases(px, xq, g.N * g.C, g.H, g.W, 1, 1, q.Hq, q.Wq, g.pt, g.pl, slack)
         for t in prange(g.groups * blocks, schedule="dynamic", num_threads=threads):
@@ -636,22 +640,21 @@ cdef void ocvec_loops(const real *px, const real *pw, real *po, const real *pbia
                 fo_ocvec_pack_d(pw + (t // blocks) * g.Kg * red, red, (t % blocks) * L, g.Kg,
                                 L, wr + t * red * L)
         for t in prange(units * runs, schedule="dynamic", num_threads=threads):
-            u = t // runs  # (group, block, image)
-            n = u % g.N
-            kb = (u // g.N) % blocks
-            grp = u // (g.N * blocks)
+            u = t // runs  # (group, block)
+            kb = u % blocks
+            grp = u // blocks
             for tile in range((t % runs) * run, min((t % runs) * run + run, tiles)):
                 if real is float:
                     fo_ocvec_tile_f(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
-                                    xq + n * image + grp * g.Cg * plane,
+                                    xq + grp * g.Cg * plane,
                                     wr + (grp * blocks + kb) * red * L, seg + tile * segs,
-                                    po + (n * g.K + grp * g.Kg) * P, P, kb * L, g.Kg,
+                                    po + grp * g.Kg * P, P, kb * L, g.Kg,
                                     pbias + grp * g.Kg if pbias != NULL else NULL, relu)
                 else:
                     fo_ocvec_tile_d(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
-                                    xq + n * image + grp * g.Cg * plane,
+                                    xq + grp * g.Cg * plane,
                                     wr + (grp * blocks + kb) * red * L, seg + tile * segs,
-                                    po + (n * g.K + grp * g.Kg) * P, P, kb * L, g.Kg,
+                                    po + grp * g.Kg * P, P, kb * L, g.Kg,
                                     pbias + grp * g.Kg if pbias != NULL else NULL, relu)
 
 
