@@ -143,22 +143,29 @@ static inline void fo_ocvec_store_d(const double *buf, int segw, int segs, const
         const int SEGW, const int SEGS, const int edges, long C, long kh, long plane,           \
         long rstride, const T *xq, const T *wr, const fo_ocseg *seg, VT (*acc)[FO_OCVEC_PIXELS]) {         \
         /* edges: the skip pattern shared by all segments (bit 0 left, bit 1 right). */        \
-        for (long r = 0; r < kh; r++) {                                                         \
-            int on[SEGS];                                                                       \
-            _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++)                              \
-                on[g] = seg[g].n > 0 && r >= seg[g].r0 && r < seg[g].r1;                        \
-            const T *xr = xq + r * rstride;                                                     \
-            const T *wp = wr + r * 3 * L;                                                       \
-            for (long c = 0; c < C; c++) {                                                      \
+        /* Channel-major, kernel rows inner: a channel's input rows (the segments' rows and  \
+         * the kh - 1 below them) are loaded into L1 once and serve all kh rows of taps, and  \
+         * the weight records are read in storage order. */                                   \
+        unsigned on[SEGS]; /* bit r: kernel row r reads a real input row for segment g */    \
+        _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++) {                                \
+            on[g] = 0;                                                                          \
+            if (seg[g].n > 0)                                                                   \
+                for (int r = seg[g].r0; r < seg[g].r1; r++) on[g] |= 1u << r;                   \
+        }                                                                                       \
+        const T *xc = xq;                                                                       \
+        const T *wp = wr;                                                                       \
+        for (long c = 0; c < C; c++) {                                                          \
+            for (long r = 0; r < kh; r++) {                                                     \
                 VT w0 = LOADU(wp), w1 = LOADU(wp + L), w2 = LOADU(wp + 2 * L);                  \
-                _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++) if (on[g]) {             \
+                const T *xr = xc + r * rstride;                                                 \
+                _Pragma("GCC unroll 4") for (int g = 0; g < SEGS; g++) if (on[g] >> r & 1u) {   \
                     const T *xs = xr + seg[g].x;                                                \
                     __asm__("" : "+r"(xs)); /* one base register, constant displacements */    \
                     NAME##_seg(SEGW, edges & 1, (edges >> 1) & 1, xs, w0, w1, w2, acc[g]);      \
                 }                                                                               \
-                xr += plane;                                                                    \
-                wp += kh * 3 * L;                                                               \
+                wp += 3 * L;                                                                    \
             }                                                                                   \
+            xc += plane;                                                                        \
         }                                                                                       \
     }                                                                                           \
     static inline __attribute__((always_inline)) void NAME##_tile(                              \
