@@ -289,12 +289,17 @@ def test_ocvec_variant_tails_paddings_and_segments(dtype, rng):
 
 def test_ocvec_choice():
     """ocvec only where its kernel applies (kW = 3, unit stride and horizontal dilation, not
-    depthwise) and, by default, where enough output pixels share each reordered weight."""
+    depthwise) and, by default, where it measured faster than the implicit GEMM."""
     use = cv.use_ocvec  # N, C/g, K/g, kH, kW, sH, sW, dH, dW, Ho, Wo
     if not use(8, 128, 128, 3, 3, 1, 1, 1, 1, 28, 28):
         pytest.skip("no ocvec kernel in this build (needs AVX-512)")
-    assert use(8, 512, 512, 3, 3, 1, 1, 1, 1, 7, 7)  # res5 at batch 8: 392 pixels
-    assert not use(1, 512, 512, 3, 3, 1, 1, 1, 1, 7, 7)  # ... at batch 1: 49
+    assert use(1, 512, 512, 3, 3, 1, 1, 1, 1, 7, 7)  # res5
+    assert use(1, 64, 64, 3, 3, 1, 1, 1, 1, 56, 56)  # res2
+    assert not use(1, 8, 64, 3, 3, 1, 1, 1, 1, 28, 28)  # few input channels
+    assert not use(1, 64, 24, 3, 3, 1, 1, 1, 1, 28, 28)  # few output channels
+    assert not use(1, 64, 40, 3, 3, 1, 1, 1, 1, 28, 28)  # output channels not in whole vectors
+    assert use(1, 64, 40, 3, 3, 1, 1, 1, 1, 28, 28, lanes=8)  # ... they are for float64
+    assert not use(1, 64, 64, 3, 3, 1, 1, 1, 1, 20, 20)  # rows of 20: segments of 7 stick out
     assert not use(8, 128, 128, 3, 3, 2, 2, 1, 1, 14, 14)  # stride 2
     assert not use(8, 64, 64, 1, 1, 1, 1, 1, 1, 56, 56)  # 1 x 1
     assert not use(8, 64, 64, 3, 3, 1, 1, 1, 2, 56, 56)  # horizontal dilation

@@ -536,9 +536,9 @@ cdef extern from "ocvec.h" nogil:
 
 
 ocvec_override = None
-# Output pixels (all images) from which the ocvec variant replaces the implicit GEMM; below,
-# its per-call weight reorder costs more than it saves (measured, see conv2d_tiled).
-OCVEC_MIN_PIXELS = 256
+# Input and output channels per group from which the ocvec variant replaces the implicit
+# GEMM (use_ocvec).
+OCVEC_MIN_CHANNELS = 32
 
 
 def ocvec_segment_width(Wo):
@@ -548,18 +548,21 @@ def ocvec_segment_width(Wo):
     return min((28, 14, 7), key=lambda s: -(-Wo // s) * s - Wo)
 
 
-def use_ocvec(N, Cg, Kg, kh, kw, sh, sw, dh, dw, Ho, Wo):
+def use_ocvec(N, Cg, Kg, kh, kw, sh, sw, dh, dw, Ho, Wo, lanes=16):
     """The ocvec variant for this conv? Its kernel needs kW = 3 with unit horizontal stride
-    and dilation and unit vertical stride, and AVX-512."""
+    and dilation, unit vertical stride, and AVX-512; it is chosen where it measured faster
+    than the implicit GEMM (see conv2d_tiled): >= 32 input and output channels per group,
+    whole vectors of output channels (`lanes` per vector: 16 float32, 8 float64) and output
+    rows cut into whole segments. Below that the GEMM won: 8 input channels 106 vs 131
+    GF/s, 24 output channels 112 vs 157, rows of 20 (segments of 7) 152 vs 164."""
     if not (FO_HAVE_OCVEC and fo_simd_enabled):
         return False
     if not (kw == 3 and sw == 1 and dw == 1 and sh == 1 and Cg > 1):
         return False
     if ocvec_override is not None:  # tests and benchmarks force it on (where it fits) or off
         return bool(ocvec_override)
-    # The weights are reordered on every call (K x C/g x kH x 3 values, read and written
-    # once): worth it when each reordered weight then serves enough pixels.
-    return N * Ho * Wo >= OCVEC_MIN_PIXELS
+    return (Cg >= OCVEC_MIN_CHANNELS and Kg >= OCVEC_MIN_CHANNELS and Kg % lanes == 0
+            and Wo % ocvec_segment_width(Wo) == 0)
 
 
 cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :, :, ::1] out,
@@ -611,7 +614,7 @@ cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :
     cdef real[::1] xq_store
     cdef real[::1] wr_store
     with workspace.borrow(g.N * image + slack, dtype) as xq_arr, \
-            workspace.borrow(g.groups * blocks * red * L, dtype) as wr_arr:
+            workspace.borrow(threads * round_up(red * L, 16), dtype) as wr_arr:
         xq_store = xq_arr
         wr_store = wr_arr
         ocvec_loops(&x[0, 0, 0, 0], &w[0, 0, 0, 0], &out[0, 0, 0, 0],
@@ -626,34 +629,38 @@ cdef void ocvec_loops(const real *px, const real *pw, real *po, const real *pbia
                       Py_ssize_t blocks, Py_ssize_t L, Py_ssize_t image, Py_ssize_t slack,
                       Py_ssize_t units, Py_ssize_t tiles, Py_ssize_t run, Py_ssize_t runs,
                       int threads) noexcept:
-    """ocvec_run's passes: pad the images, reorder the weights, then the tiles."""
+    """ocvec_run's passes: pad the images, then the tasks (reorder a block of weights, run
+    its tiles)."""
     cdef Geom g = gp[0]
     cdef WideGrid q = qp[0]
     cdef Py_ssize_t t, u, grp, kb, tile, P = g.Ho * g.Wo, plane = q.Hq * q.Wq
+    cdef real *wt
     with nogil:
         pad_phases(px, xq, g.N * g.C, g.H, g.W, 1, 1, q.Hq, q.Wq, g.pt, g.pl, slack)
-        for t in prange(g.groups * blocks, schedule="dynamic", num_threads=threads):
-            if real is float:
-                fo_ocvec_pack_f(pw + (t // blocks) * g.Kg * red, red, (t % blocks) * L, g.Kg,
-                                L, wr + t * red * L)
-            else:
-                fo_ocvec_pack_d(pw + (t // blocks) * g.Kg * red, red, (t % blocks) * L, g.Kg,
-                                L, wr + t * red * L)
         for t in prange(units * runs, schedule="dynamic", num_threads=threads):
             u = t // runs  # (group, block)
             kb = u % blocks
             grp = u // blocks
+            # The task reorders its block's weights into this thread's buffer, which its
+            # tiles then read from L2 (no separate pass, no barrier: while one thread
+            # reorders, the other computes). With runs > 1 a block is reordered once per
+            # run; runs > 1 only when there are few blocks, i.e. few weights.
+            wt = wr + openmp.omp_get_thread_num() * round_up(red * L, 16)
+            if real is float:
+                fo_ocvec_pack_f(pw + grp * g.Kg * red, red, kb * L, g.Kg, L, wt)
+            else:
+                fo_ocvec_pack_d(pw + grp * g.Kg * red, red, kb * L, g.Kg, L, wt)
             for tile in range((t % runs) * run, min((t % runs) * run + run, tiles)):
                 if real is float:
                     fo_ocvec_tile_f(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
                                     xq + grp * g.Cg * plane,
-                                    wr + (grp * blocks + kb) * red * L, seg + tile * segs,
+                                    wt, seg + tile * segs,
                                     po + grp * g.Kg * P, P, kb * L, g.Kg,
                                     pbias + grp * g.Kg if pbias != NULL else NULL, relu)
                 else:
                     fo_ocvec_tile_d(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
                                     xq + grp * g.Cg * plane,
-                                    wr + (grp * blocks + kb) * red * L, seg + tile * segs,
+                                    wt, seg + tile * segs,
                                     po + grp * g.Kg * P, P, kb * L, g.Kg,
                                     pbias + grp * g.Kg if pbias != NULL else NULL, relu)
 
@@ -760,7 +767,8 @@ def conv2d_tiled_epilogue(x, w, out, p, bias=None, relu=False):
         else:
             planes_run[double](x, w, out, g, True, bias, relu)
         return
-    if use_ocvec(g.N, g.Cg, g.Kg, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.Ho, g.Wo):
+    if use_ocvec(g.N, g.Cg, g.Kg, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.Ho, g.Wo,
+                 64 // x.itemsize):
         if x.dtype.char == "f":
             ocvec_run[float](x, w, out, g, p.pad_bottom, p.pad_right, bias, relu)
         else:
