@@ -14,6 +14,9 @@ dilation, asymmetric zero padding, groups (depthwise included), no bias (the API
                  place from a zero-padded copy of the image split into stride phases (each
                  row of im2col is then one contiguous run), or, without AVX-512, from
                  slivers packed block by block straight from the image (gemm.pxi).
+                 Convs with 3-wide kernel rows at unit stride (every 3x3 ResNet layer) take
+                 the "ocvec" direct kernel instead (ocvec.h): output channels in the vector
+                 lanes, 28-pixel register tiles, padding taps skipped, as oneDNN does.
                  Depthwise convolutions take a direct path (they have no reduction to block).
 
 Every kernel runs with the GIL released; ``def`` wrappers unpack ConvParams and dispatch on
@@ -850,7 +853,49 @@ def conv2d_tiled(x, w, out, p):
     better, nor did fixed KC 256 / 768 / 1024 / 1152 (vs 512) or MC 64 / 128 / 512 for the
     dense variant; equal reduction blocks of <= 640 rows (gemm.pxi direct_kc) gave +2-5 % on
     res2 / res3 (no runt block).
-    At batch 8 oneDNN runs res4 / res5 at 200-230 GF/s (up to the 2-thread peak), we at
-    170-200.
+    At batch 8 oneDNN ran res4 / res5 at 200-230 GF/s, this GEMM at 170-200 — which is
+    what the ocvec variant below fixed.
+
+    The ocvec variant (ocvec.h, chosen by `use_ocvec`: kW = 3, unit stride and horizontal
+    dilation, >= 32 channels per group in and out, whole vectors of output channels, rows
+    cut into whole segments). Two findings made the GEMM above lose to oneDNN on the 3x3
+    layers: (1) PyTorch measured 119 GF/s on ONE thread for res5 3x3 C512 7x7 at batch 8,
+    above the 116.7 GF/s FMA peak this machine measures (a loop of independent zmm FMAs):
+    oneDNN does not multiply the zero padding, which is 18 % of that layer's taps (9 % at
+    14x14, 5 % at 28x28, 2.4 % at 56x56); (2) the implicit GEMM spends 10 loads per 16 FMAs
+    and re-reads and re-writes its C tile per reduction block. So ocvec swaps the roles:
+    a register tile of 28 output pixels (segments of 28, 14 or 7 pixels, each in one output
+    row; tiles run on across output rows and images) x 16 output channels in the lanes,
+    28 zmm accumulators. Per (input channel, kernel row) it loads the 3 weight vectors of the
+    row's taps and broadcasts each input value of a segment once, feeding up to 3 pixels
+    (0.44 loads per FMA); segments whose input row is padding for that kernel row, and the
+    padding columns left and right of a row, are left out. Each tile owns its outputs for
+    the whole reduction: written once, bias + ReLU on the way, through two 16 x 16 in-register
+    transposes (NCHW rows from pixel-major registers). Each task (group, 16-channel block,
+    run of tiles) first reorders its block of weights into a per-thread buffer
+    (w[k, c, r, s] -> wr[c, r, s, k], 16 x 16 transposes), which its tiles then read from L2.
+    Measured (kernel called directly as `fastops bench` does, 2 threads, interleaved with
+    PyTorch 2.13 eager conv + bias + relu_, GF/s and time ratio torch / ours; implicit GEMM
+    of this stage for comparison, same runs):
+                                  batch 1                       batch 8
+                                  ocvec   GEMM   x torch        ocvec   GEMM   x torch
+        res2 3x3 C64 56x56         196    195    ~1.0-1.7*       209    200    ~1.0-1.7*
+        res3 3x3 C128 28x28        218    196    1.05            225    202    1.03
+        res4 3x3 C256 14x14        230    193    1.06            236    205    0.99
+        res5 3x3 C512 7x7          222    155    1.31            256    201    1.06
+    (* PyTorch's res2 alternates between ~205 and ~115 GF/s from one process to the next.)
+    Steps that got there, each measured the same way: a first ocvec kernel with 14 x 2
+    tiles and no padding skip beat the GEMM by 3-7 % on res3 / res4 at batch 8; the 3-tap
+    unrolled 28-pixel tile with padding skip made it +6-17 % over the GEMM; channel-major
+    order (a channel's input rows reused from L1 by all kernel rows) res5 234 -> 245; the
+    weight reorder moved into the tasks, res5 b1 155 -> 222 (it had been a separate pass
+    of 0.7 ms on one thread for res5's 9.4 MB of weights).
+    Where the GEMM stays: few channels (8 in: 106 vs 131 GF/s; 24 out: 112 vs 157), rows
+    whose segments would stick out (20 columns: 152 vs 164), strided and 1x1 convs.
+    Tried and dropped: B read straight from the unpadded image through per-tap AVX-512 lane
+    masks (no padded copy, no padded-grid columns): masked loads cost ~4 % with a constant
+    mask and ~12 % with per-row masks from a table (micro-kernel on hot data, 116 -> 103
+    GF/s), more than the copy they save; weights packed into MR-row slivers once per call
+    (0.97-1.01x).
     """
     conv2d_tiled_epilogue(x, w, out, p)
