@@ -253,8 +253,9 @@ def test_ocvec_variant_tails_paddings_and_segments(dtype, rng):
     past Wo; output channels around the lane count L (a partial last block); kernel heights
     1, 3, 5 with vertical dilation; paddings of 0, 1 and more than the kernel reaches (rows
     with no real tap at all), asymmetric; groups; a reduction long enough for several
-    weight records per row; tiles that run across image boundaries. Both the plain conv and
-    the fused bias + ReLU."""
+    weight records per row; tiles that run across image boundaries; x read in place (no
+    padded copy) where the kernel skips every padding tap. Both the plain conv and the fused
+    bias + ReLU."""
     fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
     lanes = 64 // np.dtype(dtype).itemsize
     cases = [  # x shape, K, kH, padding, dilation, groups
@@ -271,6 +272,12 @@ def test_ocvec_variant_tails_paddings_and_segments(dtype, rng):
         ((1, 2, 3, 1), 4, 3, 1, 1, 1),  # a 1-wide input with padding: Wo = 1
         ((2, 64, 6, 6), lanes, 3, 1, 1, 1),  # 1152-long reduction, several rows of records
         ((9, 4, 1, 5), lanes + 2, 3, 1, 1, 1),  # one-row images: a tile spans 4 images
+        # x read in place (no padded copy: <= 1 padding column each side, whole segments)
+        ((1, 4, 9, 14), lanes, 5, (2, 1), 1, 1),  # 2 padding rows, kH = 5
+        ((2, 4, 9, 28), lanes + 1, 3, (2, 1), (2, 1), 1),  # dilated rows
+        ((3, 4, 5, 14), 2 * lanes, 3, 1, 1, 2),  # odd rows: 2-row tiles span images; groups
+        ((2, 3, 4, 56), 5, 3, 1, 1, 1),  # 28-pixel halves, one edge each
+        ((1, 4, 6, 12), lanes, 3, (1, 2), 1, 1),  # 2 padding columns: the padded copy again
     ]
     previous = cv.ocvec_override
     cv.ocvec_override = True

@@ -582,10 +582,19 @@ cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :
     # 7 x 7 outputs at batch 8 fill 14 tiles of 4 rows, not 8 x 2 tiles with 7 of 8 rows.
     cdef Py_ssize_t nchunks = g.N * g.Ho * per_row, tiles = (nchunks + segs - 1) // segs
     cdef Py_ssize_t red = q.taps, blocks = (g.Kg + L - 1) // L
-    cdef Py_ssize_t image = g.C * q.chan
-    # A row's last segment reads up to segw + 1 columns past its start, the last row of the
-    # last plane included: keep that inside the buffer.
-    cdef Py_ssize_t slack = segw + 2 + 64
+    # Read x itself, no padded copy, when the kernel never touches the padding: rows are
+    # always skipped by r0 / r1, and with at most one padding column each side (equal) the
+    # only padding columns a segment could read are its broadcast 0 at the left edge and
+    # segw + 1 at the right edge, which the kernel skips if every segment of a tile agrees
+    # (one segment per tile, or segments that are whole rows). The 3x3 'same' ResNet convs.
+    cdef bint direct = (g.pl == pad_right and g.pl <= 1
+                        and (segw == g.Wo or segs == 1) and g.Wo % segw == 0)
+    cdef Py_ssize_t Wrow = g.W if direct else q.Wq  # row stride of what the kernel reads
+    cdef Py_ssize_t plane = g.H * g.W if direct else q.Hq * q.Wq
+    cdef Py_ssize_t image = g.C * plane
+    # Padded copy: a row's last segment reads up to segw + 1 columns past its start, the
+    # last row of the last plane included: keep that inside the buffer.
+    cdef Py_ssize_t slack = 0 if direct else segw + 2 + 64
     cdef int threads = openmp.omp_get_max_threads()
     # Tasks (group, channel block, run of tiles), runs only as fine as needed for >= 8 tasks
     # per thread; consecutive tasks share a channel block (its weights in cache).
@@ -603,7 +612,10 @@ cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :
         n = i // (g.Ho * per_row)
         oh = i // per_row % g.Ho
         ow0 = (i % per_row) * segw
-        seg[i].x = n * image + oh * q.Wq + ow0
+        if direct:  # real coordinates: row oh - pt, column ow0 - pl (may start before x)
+            seg[i].x = n * image + (oh - g.pt) * Wrow + ow0 - g.pl
+        else:  # padded coordinates
+            seg[i].x = n * image + oh * Wrow + ow0
         seg[i].o = n * g.K * g.Ho * g.Wo + oh * g.Wo + ow0
         seg[i].n = <int> min(segw, g.Wo - ow0)
         seg[i].r0 = <int> g.kh
@@ -616,30 +628,32 @@ cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :
         seg[i].right = ow0 + segw + 1 - g.pl >= g.W  # broadcast segw + 1
     cdef real[::1] xq_store
     cdef real[::1] wr_store
-    with workspace.borrow(g.N * image + slack, dtype) as xq_arr, \
+    with workspace.borrow(0 if direct else g.N * image + slack, dtype) as xq_arr, \
             workspace.borrow(threads * round_up(red * L, 16), dtype) as wr_arr:
         xq_store = xq_arr
         wr_store = wr_arr
         ocvec_loops(&x[0, 0, 0, 0], &w[0, 0, 0, 0], &out[0, 0, 0, 0],
-                    &bias[0] if bias is not None else NULL, relu, &xq_store[0], &wr_store[0],
-                    seg, &g, &q, segw, segs, red, blocks, L, image, slack, units, tiles, run,
-                    runs, threads)
+                    &bias[0] if bias is not None else NULL, relu,
+                    NULL if direct else &xq_store[0], &wr_store[0], seg, &g, &q, segw, segs,
+                    red, blocks, L, plane, Wrow, slack, units, tiles, run, runs, threads)
 
 
 cdef void ocvec_loops(const real *px, const real *pw, real *po, const real *pbias, bint relu,
                       real *xq, real *wr, const fo_ocseg *seg, const Geom *gp,
                       const WideGrid *qp, int segw, Py_ssize_t segs, Py_ssize_t red,
-                      Py_ssize_t blocks, Py_ssize_t L, Py_ssize_t image, Py_ssize_t slack,
-                      Py_ssize_t units, Py_ssize_t tiles, Py_ssize_t run, Py_ssize_t runs,
-                      int threads) noexcept:
-    """ocvec_run's passes: pad the images, then the tasks (reorder a block of weights, run
-    its tiles)."""
+                      Py_ssize_t blocks, Py_ssize_t L, Py_ssize_t plane, Py_ssize_t Wrow,
+                      Py_ssize_t slack, Py_ssize_t units, Py_ssize_t tiles, Py_ssize_t run,
+                      Py_ssize_t runs, int threads) noexcept:
+    """ocvec_run's passes: pad the images into xq (unless xq is NULL: the kernel reads x),
+    then the tasks (reorder a block of weights, run its tiles)."""
     cdef Geom g = gp[0]
     cdef WideGrid q = qp[0]
-    cdef Py_ssize_t t, u, grp, kb, tile, P = g.Ho * g.Wo, plane = q.Hq * q.Wq
+    cdef Py_ssize_t t, u, grp, kb, tile, P = g.Ho * g.Wo
     cdef real *wt
+    cdef const real *src = px if xq == NULL else xq
     with nogil:
-        pad_phases(px, xq, g.N * g.C, g.H, g.W, 1, 1, q.Hq, q.Wq, g.pt, g.pl, slack)
+        if xq != NULL:
+            pad_phases(px, xq, g.N * g.C, g.H, g.W, 1, 1, q.Hq, q.Wq, g.pt, g.pl, slack)
         for t in prange(units * runs, schedule="dynamic", num_threads=threads):
             u = t // runs  # (group, block)
             kb = u % blocks
@@ -655,14 +669,14 @@ cdef void ocvec_loops(const real *px, const real *pw, real *po, const real *pbia
                 fo_ocvec_pack_d(pw + grp * g.Kg * red, red, kb * L, g.Kg, L, wt)
             for tile in range((t % runs) * run, min((t % runs) * run + run, tiles)):
                 if real is float:
-                    fo_ocvec_tile_f(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
-                                    xq + grp * g.Cg * plane,
+                    fo_ocvec_tile_f(segw, g.Cg, g.kh, plane, g.dh * Wrow,
+                                    src + grp * g.Cg * plane,
                                     wt, seg + tile * segs,
                                     po + grp * g.Kg * P, P, kb * L, g.Kg,
                                     pbias + grp * g.Kg if pbias != NULL else NULL, relu)
                 else:
-                    fo_ocvec_tile_d(segw, g.Cg, g.kh, plane, g.dh * q.Wq,
-                                    xq + grp * g.Cg * plane,
+                    fo_ocvec_tile_d(segw, g.Cg, g.kh, plane, g.dh * Wrow,
+                                    src + grp * g.Cg * plane,
                                     wt, seg + tile * segs,
                                     po + grp * g.Kg * P, P, kb * L, g.Kg,
                                     pbias + grp * g.Kg if pbias != NULL else NULL, relu)
