@@ -154,7 +154,9 @@ def markdown(report: dict) -> str:
         f"per entry, {report['timing']['min_repeats']}–{report['timing']['max_repeats']} "
         "samples. Ratios (×) are speedups: a median of the reference divided by this one's, "
         "so > 1 means faster. 'naive' = the backend's first stage; FLOPs count 2 × "
-        "multiply-adds only (bias and ReLU not counted).",
+        "multiply-adds only (bias and ReLU not counted), all taps of a conv included: kernels "
+        "that skip the taps on zero padding (cython's ocvec variant, oneDNN) do less work, "
+        "so on small images their GFLOP/s can pass the FMA peak.",
     ]
     env = {k: v for k, v in m.get("env", {}).items() if v is not None}
     lines.append("- Environment: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "none set")
