@@ -358,10 +358,18 @@ cdef void pad_phases(const real *x, real *xq, Py_ssize_t planes, Py_ssize_t H, P
                      Py_ssize_t pl, Py_ssize_t slack) noexcept nogil:
     """xq (planes, sh, sw, Hq, Wq) + `slack` zeros: phase (a, b) of plane t holds the
     zero-padded image xp[t, a + sh*i, b + sw*j] (xp = x placed at (pt, pl)). For stride 1
-    that is just the padded plane. One pass over the image, parallel over the planes."""
+    that is just the padded plane. One pass over the image, parallel over the planes.
+
+    Scheduled "guided", not "static": a static split made the calling thread wait at the end
+    for the other thread's half, and that thread, asleep since the last parallel region on
+    this 2-vCPU VM, started ~1 ms late: the pass took 1.0-1.5 ms instead of 0.2-0.4 on ONE
+    thread for res2-res5 at batch 8 (timed inside the call, 20 calls, 2 threads). "dynamic"
+    with chunks of 8 planes fixed that but split the 24 large planes of the stem at batch 8
+    into 16 + 8: guided gives large chunks first and small ones at the end (stem 7x7/2 b8,
+    whole conv: 144 -> 166 GF/s)."""
     cdef Py_ssize_t t, a, b_, i, ih
     cdef real *row
-    for t in prange(planes, schedule="dynamic", chunksize=8):
+    for t in prange(planes, schedule="guided"):
         for a in range(sh):
             for b_ in range(sw):
                 for i in range(Hq):
