@@ -23,25 +23,30 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     Bottleneck removed: two extra sweeps over out (read + write each) that the un-fused
     ladder makes after the conv: for a 64 x 56 x 56 float32 output that is 4 x 0.8 MB of
     memory traffic per image.
-    Measured against PyTorch 2.13 eager relu(conv2d(x, w, b)) (oneDNN), float32, 2 threads
-    each, GOMP_SPINCOUNT=30000, interleaved blocks of 6 calls (first of each block dropped),
-    6 rounds, four runs on an AMD EPYC Zen 4 VM shared with other jobs (run-to-run spread
-    +-5-10 %); time ratio torch / ours, median call of each run, and the median GF/s:
-                                batch 1                       batch 8
-                                runs 1-4             ours     runs 1-4             ours
-      res2 3x3 C64 56x56        1.00 0.96 1.02 1.10  179      0.98 1.05 1.00 0.85  183
-      res3 3x3 C128 28x28       0.90 0.93 0.97 0.96  174      0.91 0.97 0.89 0.81  172
-      res4 3x3 C256 14x14       0.88 0.93 0.96 0.91  171      0.86 0.91 0.84 0.89  177
-      res5 3x3 C512 7x7         1.35 1.32 1.23 1.13  144      0.83 0.87 0.81 0.83  173
-      1x1 C256 -> K64 56x56     1.21 1.15 1.21 1.44  176      1.09 0.91 1.06 1.02  104
-      stem 7x7/2 C3 224x224     0.95 1.06 0.98 0.88  167      1.12 1.11 1.70 3.51  157
-      depthwise 3x3 C128 56x56  1.36 1.32 1.60 1.26   44      2.15 2.29 2.15 2.08   30
-      median of the set         1.00 1.06 1.02 1.10           0.98 0.97 1.00 0.89
-    (before the dense-column variant for small outputs, the vectorised padding copy and the
-    equal reduction blocks, same method: batch 1 median 0.94 / 1.06, batch 8 0.95 / 0.96,
-    res5 at batch 8 0.70 / 0.71; before the direct path and the depthwise kernel: res3-res5
-    0.67-0.75, depthwise ~0.5.) oneDNN runs the batch-8 3x3 layers at ~190-230 GF/s, up to
-    the 2-thread peak (~230).
+    Measured by `fastops bench --full --op conv2d_bias_relu --backend cython --stage fused`
+    (kernel called directly, out allocated once, interleaved round-robin with PyTorch 2.13
+    eager relu_(conv2d(x, w, b)) on oneDNN, float32, 2 threads, medians; AMD EPYC Zen 4 VM
+    shared with other jobs): time ratio torch / ours per run, and our GF/s in the last run.
+    Runs 5-7 (benchmarks/results/cpu-fused-resnet50-run5..7) are after the ocvec variant of
+    the tiled conv (3x3 layers; run 5 before its in-place read and the guided padding pass):
+                                batch 1                    batch 8
+                                runs 5-7        ours       runs 5-7        ours
+      res2 3x3 C64 56x56        1.02 1.17 1.08  220        1.02 1.05 1.05  216
+      res3 3x3 C128 28x28       1.00 1.18 1.10  226        1.04 1.05 1.05  228
+      res4 3x3 C256 14x14       1.07 1.19 1.12  237        1.02 1.04 1.06  232
+      res5 3x3 C512 7x7         1.42 1.43 1.35  235        1.06 1.11 1.12  261
+      1x1 C256 -> K64 56x56     1.26 1.25 1.24  212        1.16 1.08 1.56  131
+      stem 7x7/2 C3 224x224     1.00 1.03 1.01  191        0.86 2.23 1.06  175
+      depthwise 3x3 C128 56x56  1.65 1.58 1.55   58        2.03 2.29 2.42   43
+      median of the set         1.07 1.19 1.12             1.04 1.08 1.06
+    (GF/s count every tap; ocvec skips the ones on zero padding, so res4 / res5 pass the
+    230 GF/s FMA peak. PyTorch's own time varies between processes: its stem at batch 8 ran
+    at 68-175 GF/s in this session's runs.) Runs 1-4, before ocvec (implicit GEMM for every
+    3x3 layer): batch-1 medians 1.00 / 1.06 / 1.02 / 1.10, batch-8 0.98 / 0.97 / 1.00 / 0.89,
+    with the batch-8 3x3 layers at 0.81-0.98 (we 172-183 GF/s, oneDNN ~190-230); before the
+    dense-column variant, the vectorised padding copy and the equal reduction blocks: batch 1
+    0.94 / 1.06, batch 8 0.95 / 0.96; before the direct path and the depthwise kernel: res3-res5
+    0.67-0.75, depthwise ~0.5.
     Still missing: everything `tiled` lacks.
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  bias: (K,)  out: (N, K, Ho, Wo)
