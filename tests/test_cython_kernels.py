@@ -148,6 +148,15 @@ def test_misaligned_buffers(dtype, rng):
         impl.kernel(x, w, out, plan.params)
         assert_close(out, oracle.conv2d(x, w, None, 1, 1), oracle.conv2d(x, w, None, 1, 1,
                      absolute=True), 36, dtype, f"{impl.name} misaligned")
+    # The ocvec conv variant (its broadcasts and masked stores) on misaligned x, w and out.
+    x = misaligned((2, 32, 5, 14), dtype, rng)
+    w = misaligned((32, 32, 3, 3), dtype, rng)
+    plan = check_conv2d(x, w, None, 1, 1, 1, 1)
+    assert cv.use_ocvec(2, 32, 32, 3, 3, 1, 1, 1, 1, 5, 14, 64 // np.dtype(dtype).itemsize)
+    out = misaligned(plan.out_shape, dtype, rng)
+    cv.conv2d_tiled(x, w, out, plan.params)
+    assert_close(out, oracle.conv2d(x, w, None, 1, 1), oracle.conv2d(x, w, None, 1, 1,
+                 absolute=True), 288, dtype, "ocvec misaligned")
     # Strided views through the API: validation hands the kernels contiguous copies.
     big = rng.standard_normal((90, 100)).astype(dtype)
     a_view, b_view = big[1:41:2, 3:48], big[::2, 1::2][:45, :37]  # (20, 45), (45, 37) strided
