@@ -148,11 +148,13 @@ def test_misaligned_buffers(dtype, rng):
         impl.kernel(x, w, out, plan.params)
         assert_close(out, oracle.conv2d(x, w, None, 1, 1), oracle.conv2d(x, w, None, 1, 1,
                      absolute=True), 36, dtype, f"{impl.name} misaligned")
-    # The ocvec conv variant (its broadcasts and masked stores) on misaligned x, w and out.
+    # The ocvec conv variant (its broadcasts and masked stores) on misaligned x, w and out
+    # (where the build has it; otherwise the same call runs the implicit GEMM).
     x = misaligned((2, 32, 5, 14), dtype, rng)
     w = misaligned((32, 32, 3, 3), dtype, rng)
     plan = check_conv2d(x, w, None, 1, 1, 1, 1)
-    assert cv.use_ocvec(2, 32, 32, 3, 3, 1, 1, 1, 1, 5, 14, 64 // np.dtype(dtype).itemsize)
+    assert cv.use_ocvec(2, 32, 32, 3, 3, 1, 1, 1, 1, 5, 14,
+                        64 // np.dtype(dtype).itemsize) == cv.ocvec_available()
     out = misaligned(plan.out_shape, dtype, rng)
     cv.conv2d_tiled(x, w, out, plan.params)
     assert_close(out, oracle.conv2d(x, w, None, 1, 1), oracle.conv2d(x, w, None, 1, 1,
@@ -265,6 +267,8 @@ def test_ocvec_variant_tails_paddings_and_segments(dtype, rng):
     weight records per row; tiles that run across image boundaries; x read in place (no
     padded copy) where the kernel skips every padding tap. Both the plain conv and the fused
     bias + ReLU."""
+    if not cv.ocvec_available():
+        pytest.skip("no ocvec kernel in this build (needs AVX-512)")
     fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
     lanes = 64 // np.dtype(dtype).itemsize
     cases = [  # x shape, K, kH, padding, dilation, groups
@@ -307,8 +311,10 @@ def test_ocvec_choice():
     """ocvec only where its kernel applies (kW = 3, unit stride and horizontal dilation, not
     depthwise) and, by default, where it measured faster than the implicit GEMM."""
     use = cv.use_ocvec  # N, C/g, K/g, kH, kW, sH, sW, dH, dW, Ho, Wo
-    if not use(8, 128, 128, 3, 3, 1, 1, 1, 1, 28, 28):
+    if not cv.ocvec_available():
+        assert not use(8, 128, 128, 3, 3, 1, 1, 1, 1, 28, 28)
         pytest.skip("no ocvec kernel in this build (needs AVX-512)")
+    assert use(8, 128, 128, 3, 3, 1, 1, 1, 1, 28, 28)
     assert use(1, 512, 512, 3, 3, 1, 1, 1, 1, 7, 7)  # res5
     assert use(1, 64, 64, 3, 3, 1, 1, 1, 1, 56, 56)  # res2
     assert not use(1, 8, 64, 3, 3, 1, 1, 1, 1, 28, 28)  # few input channels

@@ -559,6 +559,11 @@ def ocvec_segment_width(Wo):
     return min((28, 14, 7), key=lambda s: -(-Wo // s) * s - Wo)
 
 
+def ocvec_available():
+    """Whether this build has the ocvec kernel (AVX-512) and may run it (SIMD enabled)."""
+    return bool(FO_HAVE_OCVEC and fo_simd_enabled)
+
+
 def use_ocvec(N, Cg, Kg, kh, kw, sh, sw, dh, dw, Ho, Wo, lanes=16):
     """The ocvec variant for this conv? Its kernel needs kW = 3 with unit horizontal stride
     and dilation, unit vertical stride, and AVX-512; it is chosen where it measured faster
@@ -566,7 +571,7 @@ def use_ocvec(N, Cg, Kg, kh, kw, sh, sw, dh, dw, Ho, Wo, lanes=16):
     whole vectors of output channels (`lanes` per vector: 16 float32, 8 float64) and output
     rows cut into whole segments. Below that the GEMM won: 8 input channels 106 vs 131
     GF/s, 24 output channels 112 vs 157, rows of 20 (segments of 7) 152 vs 164."""
-    if not (FO_HAVE_OCVEC and fo_simd_enabled):
+    if not ocvec_available():
         return False
     if not (kw == 3 and sw == 1 and dw == 1 and sh == 1 and Cg > 1):
         return False
