@@ -204,3 +204,20 @@ def test_concurrent_calls_from_python_threads(rng):
             assert_close(out, *conv_ref, 72, np.float32, "conv2d_tiled")
 
     run_concurrently(worker, threads=4)
+
+
+def test_tile_grid_even_blocks():
+    """The tiled matmul's tiles: MR/NR multiples covering the output, at least min_tiles of them
+    where the problem allows, and blocks evened out where MR allows: 196 rows as 66 + 66 + 64,
+    not 96 + 96 + 4 (which left one thread with most of the work on 196 x 768 x 3072)."""
+    from fastops.kernels.numba import matmul as nm
+
+    for m, n in [(196, 3072), (1024, 1024), (256, 256), (64, 512), (7, 5), (1000, 37)]:
+        mc, nc = nm.tile_grid(m, n, nm.MC, nm.NC, 8)
+        assert mc % nm.MR == 0 and nc % nm.NR == 0 and mc <= max(nm.MC, nm.MR)
+        rows = [min(mc, m - r) for r in range(0, m, mc)]
+        cols = [min(nc, n - c) for c in range(0, n, nc)]
+        assert sum(rows) == m and sum(cols) == n
+        if m >= 8 * nm.MR:
+            assert len(rows) * len(cols) >= 8
+    assert nm.tile_grid(196, 3072, nm.MC, nm.NC, 8) == (66, 512)
