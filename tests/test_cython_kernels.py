@@ -307,6 +307,36 @@ def test_ocvec_variant_tails_paddings_and_segments(dtype, rng):
         cv.ocvec_override = previous
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepack_hook_matches_per_call(dtype, rng):
+    """fastops.nn's prepack / run_packed hook on conv2d/tiled and the fused stage: the same
+    bits as the per-call path, whether the ocvec reorder applies (packed.ocvec set) or not
+    (few channels, 1x1: None, the call runs the GEMM), with groups and with a call whose rows
+    do not fit ocvec's segments although the weights were packed for it."""
+    fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
+    cases = [  # x shape, w shape, padding, groups, packed for ocvec?
+        ((2, 32, 6, 14), (32, 32, 3, 3), 1, 1, True),
+        ((1, 64, 5, 7), (64, 32, 3, 3), 1, 2, True),  # 2 groups of 32 -> 32
+        ((1, 32, 5, 20), (32, 32, 3, 3), 1, 1, True),  # rows of 20: the GEMM runs
+        ((1, 8, 6, 14), (16, 8, 3, 3), 1, 1, False),  # few channels
+        ((1, 32, 6, 14), (32, 32, 1, 1), 0, 1, False),  # 1x1
+    ]
+    for xs, ws, padding, groups, ocvec in cases:
+        x = rng.standard_normal(xs).astype(dtype)
+        w = rng.standard_normal(ws).astype(dtype)
+        bias = rng.standard_normal(ws[0]).astype(dtype)
+        plan = check_conv2d(x, w, bias, 1, padding, 1, groups)
+        packed = cv.conv2d_tiled.prepack(plan.w, plan.params)
+        assert (packed.ocvec is not None) == (ocvec and cv.ocvec_available()), (xs, ws)
+        for kernel, args in ((cv.conv2d_tiled, ()), (fused, (plan.bias,))):
+            direct = np.empty(plan.out_shape, dtype)
+            kernel(plan.x, plan.w, *args, direct, plan.params)
+            via_pack = np.full(plan.out_shape, np.nan, dtype)
+            kernel.run_packed(plan.x, kernel.prepack(plan.w, plan.params), *args, via_pack,
+                              plan.params)
+            np.testing.assert_array_equal(via_pack, direct, err_msg=f"{xs} {ws}")
+
+
 def test_ocvec_choice():
     """ocvec only where its kernel applies (kW = 3, unit stride and horizontal dilation, not
     depthwise) and, by default, where it measured faster than the implicit GEMM."""

@@ -5,7 +5,7 @@ The un-fused stages (naive ... tiled conv, then a bias pass and a ReLU pass over
 are derived automatically by fastops.registry from conv2d.pyx; this chapter adds only the
 last step: do the bias and ReLU inside the tiled conv's write-back.
 """
-from fastops.kernels.cython.conv2d import conv2d_tiled_epilogue
+from fastops.kernels.cython.conv2d import conv2d_tiled_epilogue, ocvec_prepack
 from fastops.registry import register
 
 
@@ -51,3 +51,12 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     """
     # x: (N, C, H, W)  w: (K, C/groups, kH, kW)  bias: (K,)  out: (N, K, Ho, Wo)
     conv2d_tiled_epilogue(x, w, out, p, bias, True)
+
+
+def conv2d_bias_relu_fused_run_packed(x, packed, bias, out, p):
+    """The fused stage with weights from ocvec_prepack (fastops.nn's run_packed hook)."""
+    conv2d_tiled_epilogue(x, packed.w, out, p, bias, True, prepacked=packed.ocvec)
+
+
+conv2d_bias_relu_fused.prepack = ocvec_prepack
+conv2d_bias_relu_fused.run_packed = conv2d_bias_relu_fused_run_packed
