@@ -24,9 +24,11 @@
  * A call owns its tile for the whole reduction, so the tile is written exactly once, with
  * bias + ReLU, through a small buffer that turns pixel-major registers into NCHW rows.
  *
- *   xq:   the zero-padded phase planes of one image (conv2d.pyx pad_phases), row width Wq,
- *         channel stride `plane`; pixel (oh, ow), tap (c, r, s) reads
- *         xq[c * plane + (oh * sh + r * dh) * Wq + ow + s]  (rows: padded coordinates).
+ *   xq:   what the kernel reads: the zero-padded planes (conv2d.pyx pad_phases; stride 1,
+ *         so one plane per channel), or, when every padding tap is skipped anyway (<= 1
+ *         equal padding column each side, whole segments: the 3x3 'same' convs), x itself;
+ *         row stride `rstride` / dh, channel stride `plane`. Segment g, kernel row r, tap s
+ *         reads xq[c * plane + seg[g].x + r * rstride + i] for broadcast i = j + s.
  *   wr:   the weights reordered for 16 output channels: wr[((c * kh + r) * 3 + s) * L + l]
  *         = w[k0 + l, c, r, s] (zeros past the last channel), by each task for its block
  *         (fo_ocvec_pack_*), into a per-thread buffer its tiles read from L2.
@@ -40,8 +42,8 @@
 
 /* One row segment of a tile. */
 typedef struct {
-    long x;     /* offset of its first pixel's tap (c=0, r=0, s=0) in xq: oh*sh*Wq + ow0 */
-    long o;     /* offset of its first pixel in an output channel plane: oh * Wo + ow0 */
+    long x;     /* offset of its first pixel's tap (c=0, r=0, s=0) in xq (image included) */
+    long o;     /* offset of its first pixel in out (image included): n*K*P + oh*Wo + ow0 */
     int n;      /* pixels to store (<= SEGW; 0: an unused segment) */
     int r0, r1; /* kernel rows whose input row is inside the image (others: padding) */
     int left;   /* 1: the input column left of the segment is padding (skip it) */
