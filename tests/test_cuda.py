@@ -20,6 +20,7 @@ Four layers, so that most of the backend is checked on machines without a GPU:
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -51,6 +52,10 @@ KERNEL_MODULES = ("fastops.kernels.cuda.matmul", "fastops.kernels.cuda.conv2d",
 MATMUL_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 31, 13), (130, 37, 129), (33, 68, 20),
                  (65, 20, 132), (1, 300, 1), (127, 131, 257)]
 EMULATED_MATMUL_SHAPES = MATMUL_SHAPES[:6]
+# For every warptile candidate: tiny shapes, and shapes that are non-multiples of every tile
+# size (BM, BN 64..256; BK 8..32), with partial tiles on the float4 path (K, N % 4 == 0) too.
+WARPTILES = _loader.WARPTILES
+WARPTILE_SHAPES = [(1, 1, 1), (2, 3, 5), (131, 67, 97), (33, 68, 20), (257, 36, 260)]
 
 # (N, C, H, W, K, kH, kW, stride, padding, dilation, groups)
 CONV_CASES = [
@@ -155,6 +160,47 @@ def test_every_cuda_source_has_a_build_variant():
         assert re.search(r'extern "C" __global__', text)
 
 
+def test_every_warptile_candidate_is_checked_and_built():
+    """Each candidate passes check_warptile and is a build variant (so CI's nvcc check and
+    the NVRTC check compile it); the registered stage's tile is one of them."""
+    variants = _loader.BUILD_VARIANTS["matmul.cu"]
+    assert _loader.WARPTILE in WARPTILES.values()
+    assert _loader.MATMUL_DEFINES == _loader.matmul_defines(_loader.WARPTILE)
+    assert len(set(WARPTILES.values())) == len(WARPTILES), "two candidates are the same tile"
+    assert len(variants) == len(WARPTILES)
+    for name, tile in WARPTILES.items():
+        assert _loader.check_warptile(tile) is tile
+        assert _loader.matmul_defines(tile) in variants, name
+
+
+_DEFAULT = _loader.WarpTile(bm=128, bn=128, bk=16, wm=64, wn=64, wniter=4, tm=8, tn=4, nt=128)
+
+
+# (tile, the reason check_warptile must give): one case per assumption of the kernel.
+BAD_WARPTILES = [
+    (_DEFAULT._replace(tm=0), "positive int"),
+    (_DEFAULT._replace(tm=7.5), "positive int"),
+    (_DEFAULT._replace(wm=48), "must tile the block tile"),
+    (_DEFAULT._replace(nt=256), "one warp per warp tile"),
+    (_DEFAULT._replace(wniter=3), "cover the warp tile exactly"),
+    (_loader.WarpTile(128, 64, 8, 128, 16, 2, 2, 16, 128), "lane fragments must divide"),
+    (_DEFAULT._replace(tn=2, wniter=8), r"TN % 4 == 0"),
+    (_DEFAULT._replace(bk=6), r"BK % 4 == BN % 4 == 0"),
+    (_loader.WarpTile(128, 128, 4, 32, 32, 1, 8, 4, 512), "same number of float4 chunks"),
+    (_DEFAULT._replace(bk=64), "65536 B exceeds"),
+    (_DEFAULT._replace(wm=128, nt=64), "256 accumulators"),
+]
+
+
+@pytest.mark.parametrize("tile, reason", BAD_WARPTILES, ids=[r for _, r in BAD_WARPTILES])
+def test_check_warptile_rejects(tile, reason):
+    _loader.check_warptile(_DEFAULT)  # most cases are one change away from this valid tile
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        _loader.check_warptile(tile)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        _loader.matmul_defines(tile)  # what the launcher calls: a bad tile never compiles
+
+
 # ------------------------------------------------------------------------------ 2. compile
 NVCC = shutil.which("nvcc")
 KERNEL_NAME = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\([^\n]*\)\s+)?(\w+)')
@@ -162,9 +208,14 @@ VARIANTS = [(src, i) for src, variants in _loader.BUILD_VARIANTS.items()
             for i in range(len(variants))]
 
 
+_WARPTILE_NAMES = {tuple(_loader.matmul_defines(tile).items()): name
+                   for name, tile in WARPTILES.items()}
+
+
 def _variant_id(v):
     src, i = v
-    return f"{src}-{_loader.BUILD_VARIANTS[src][i].get('REAL', 'float')}"
+    defines = _loader.BUILD_VARIANTS[src][i]
+    return f"{src}-{defines.get('REAL') or _WARPTILE_NAMES[tuple(defines.items())]}"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
@@ -295,6 +346,8 @@ def emu(array):
 
 
 class _EmuKernel:
+    last_launch = None  # (kernel name, grid, block) of the latest launch, for the tests
+
     def __init__(self, lib, name, params):
         self.name, self.params = name, params
         self.fn = getattr(lib, f"fastops_launch_{name}")
@@ -303,6 +356,7 @@ class _EmuKernel:
     def __call__(self, grid, block, args):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
+        _EmuKernel.last_launch = (self.name, grid, block)
         assert grid[1] <= 65535 and grid[2] <= 65535 and grid[0] < 2**31, grid
         assert np.prod(block) <= 1024, block
         assert len(args) == len(self.params), (
@@ -430,24 +484,59 @@ def test_emulated_matmul(emulated, stage, rng):
     check_matmul(run, (9, 12, 8), rng, f"emulated matmul/cupy/{stage} NaN", nan=True)
 
 
-@pytest.mark.parametrize("stage", ["vectorized", "warptiled"])
-def test_emulated_matmul_misaligned_views(emulated, stage, rng):
-    """Row lengths that are multiples of 4 but base pointers off by 1 float: scalar path."""
-    kernel = emulated[("matmul", stage)].kernel
+def _misaligned_matmul(kernel, to_device, to_host):
+    """run(a, b) through ``kernel`` on views that start 1 or 3 floats past an aligned
+    allocation: row lengths that are multiples of 4, base pointers that are not 16-byte
+    aligned, so the float4 paths must fall back to scalar accesses."""
+    def offset(x, by):
+        host = np.zeros(x.size + by, x.dtype)
+        host[by:] = x.ravel()
+        return to_device(host)[by:].reshape(x.shape)
 
     def run(a, b):
-        def offset(x, by):
-            base = emu(np.empty(x.size + by, x.dtype))
-            view = base[by:].reshape(x.shape)
-            view[...] = x
-            return view
-        out = offset(np.zeros((a.shape[0], b.shape[1]), np.float32), 1)
+        out = offset(np.full((a.shape[0], b.shape[1]), np.nan, np.float32), 1)
         a_v, b_v = offset(a, 1), offset(b, 3)
         assert a_v.data.ptr % 16 and b_v.data.ptr % 16 and out.data.ptr % 16
         kernel(a_v, b_v, out)
-        return np.asarray(out)
+        return to_host(out)
+    return run
 
+
+@pytest.mark.parametrize("stage", ["vectorized", "warptiled"])
+def test_emulated_matmul_misaligned_views(emulated, stage, rng):
+    run = _misaligned_matmul(emulated[("matmul", stage)].kernel, emu, np.asarray)
     check_matmul(run, (20, 36, 132), rng, f"emulated matmul/cupy/{stage} misaligned")
+
+
+def check_warptile_candidate(run_warptiled, tile, on_device, misaligned, rng, what):
+    """Candidate ``tile`` through the real launcher ``run_warptiled``: awkward shapes, NaN
+    propagation, misaligned views. ``on_device(kernel)`` / ``misaligned(kernel)`` turn a
+    kernel(a, b, out) into run(a, b) -> NumPy for the machine under test."""
+    kernel = functools.partial(run_warptiled, tile=tile)
+    run = on_device(kernel)
+    for shape in WARPTILE_SHAPES:
+        check_matmul(run, shape, rng, f"{what} {shape}")
+    check_matmul(run, (9, 12, 8), rng, f"{what} NaN", nan=True)
+    check_matmul(misaligned(kernel), (20, 36, 132), rng, f"{what} misaligned")
+
+
+@pytest.mark.parametrize("name", list(WARPTILES))
+def test_emulated_warptile_candidates(emulated, name, rng):
+    """Every candidate tile of the warptiled stage, run on the CPU emulation."""
+    tile = WARPTILES[name]
+    launcher = sys.modules["fastops.kernels.cuda.matmul"].run_warptiled  # the emulated import
+    check_warptile_candidate(launcher, tile, _emulated_matmul,
+                             lambda k: _misaligned_matmul(k, emu, np.asarray), rng,
+                             f"emulated warptiled[{name}]")
+    # The launcher compiled the kernel with this tile's defines, not the default's, and sized
+    # the launch by this tile (a grid sized for a larger tile would also give right answers).
+    compiled = {key[2] for key in _loader._functions if key[3] == "matmul_warptiled"}
+    assert compiled == {tuple(_loader.matmul_defines(tile).items())}
+    m, k, n = WARPTILE_SHAPES[-1]
+    launcher(emu(np.zeros((m, k), np.float32)), emu(np.zeros((k, n), np.float32)),
+             emu(np.empty((m, n), np.float32)), tile)
+    assert _EmuKernel.last_launch == ("matmul_warptiled", (_loader.cdiv(m, tile.bm),
+                                      _loader.cdiv(n, tile.bn), 1), (tile.nt, 1, 1))
 
 
 def _emulated_conv(kernel, fused):
@@ -524,6 +613,25 @@ def test_gpu_matmul(cp, stage, rng):
     got = cp.asnumpy(fastops.matmul(cp.asarray(a), cp.asarray(b), backend="cupy", stage=stage))
     assert_close(got, oracle.matmul(a, b), oracle.matmul(np.abs(a), np.abs(b)), 5, np.float32,
                  f"matmul/cupy/{stage} batched")
+
+
+@pytest.mark.parametrize("name", list(WARPTILES))
+def test_gpu_warptile_candidates(cp, name, rng):
+    """Every candidate tile of the warptiled stage on the GPU (what the benchmark sweeps)."""
+    from fastops.kernels.cuda.matmul import run_warptiled
+
+    def on_gpu(kernel):
+        def run(a, b):
+            out = cp.full((a.shape[0], b.shape[1]), cp.nan, cp.float32)
+            kernel(cp.asarray(a), cp.asarray(b), out)
+            return cp.asnumpy(out)
+        return run
+
+    what = f"matmul/cupy/warptiled[{name}]"
+    check_warptile_candidate(run_warptiled, WARPTILES[name], on_gpu,
+                             lambda k: _misaligned_matmul(k, cp.asarray, cp.asnumpy), rng, what)
+    check_matmul(on_gpu(functools.partial(run_warptiled, tile=WARPTILES[name])),
+                 (515, 260, 1030), rng, f"{what} several blocks")
 
 
 def test_gpu_matmul_rejects_float64(cp):

@@ -7,9 +7,11 @@ through :class:`cupy.RawModule`, as CuPy itself does. Three things happen here a
   with the reason ("CuPy not installed", "no CUDA GPU available: ...") so that
   :mod:`fastops.backends` records the ``cupy`` backend as unavailable instead of registering it.
 * Compile-time constants (tile sizes, the conv element type) are ``-D`` defines built from the
-  tables below: :data:`MATMUL_DEFINES` and :data:`CONV_TILES`. The Python launchers read the
-  same tables to size their grids, and ``tests/test_cuda.py`` compiles every source with
-  ``nvcc`` for exactly the variants in :data:`BUILD_VARIANTS`, so the three cannot drift apart.
+  tables below: :data:`MATMUL_DEFINES`, :data:`WARPTILES` and :data:`CONV_TILES`. The Python
+  launchers read the same tables to size their grids, and ``tests/test_cuda.py`` compiles every
+  source with ``nvcc`` for exactly the variants in :data:`BUILD_VARIANTS` (every warptile
+  candidate included), so the three cannot drift apart. :func:`check_warptile` writes down
+  what the warptiled kernel assumes of its tile.
 * :func:`kernel` compiles a (source, defines) pair once per device and caches the module in a
   dict keyed by (device id, source text, options): no recompilation per call.
 
@@ -17,6 +19,7 @@ This module imports CuPy lazily, so it (and the nvcc compile check) works withou
 """
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from importlib import resources
@@ -26,18 +29,146 @@ from typing import NamedTuple
 # matmul.cu tile sizes (float32). TILE: the 32 x 32 blocks of stages naive..smem (32 = one warp
 # wide, so a warp covers one row of the tile). BT_*: stages blocktiled and vectorized, each of
 # 256 threads owning an 8 x 8 block of a 128 x 128 tile of C; the A and B tiles take
-# (128*8 + 8*128) * 4 B = 8 KiB of shared memory. WT_*: stage warptiled, 128 threads (4 warps,
-# each a 64 x 64 warp tile), BK = 16: 16 KiB of shared memory, 128 accumulators per thread.
-# These are siboehm/SGEMM_CUDA's published choices for its kernels 5, 6 and 10 (tuned on an
-# A6000); they have not been re-tuned for the H200.
-MATMUL_DEFINES = {
+# (128*8 + 8*128) * 4 B = 8 KiB of shared memory. These are siboehm/SGEMM_CUDA's published
+# choices for its kernels 5 and 6 (tuned on an A6000); they have not been re-tuned for the H200.
+# The warptiled stage's WT_* defines come from a WarpTile (below), chosen among candidates.
+BLOCKTILE_DEFINES = {
     "TILE": 32,
     "BT_BM": 128, "BT_BN": 128, "BT_BK": 8, "BT_TM": 8, "BT_TN": 8,
-    "WT_BM": 128, "WT_BN": 128, "WT_BK": 16, "WT_WM": 64, "WT_WN": 64, "WT_WNITER": 4,
-    "WT_TM": 8, "WT_TN": 4, "WT_NT": 128,
 }
-BT_THREADS = (MATMUL_DEFINES["BT_BM"] // MATMUL_DEFINES["BT_TM"]) * (
-    MATMUL_DEFINES["BT_BN"] // MATMUL_DEFINES["BT_TN"])
+BT_THREADS = (BLOCKTILE_DEFINES["BT_BM"] // BLOCKTILE_DEFINES["BT_TM"]) * (
+    BLOCKTILE_DEFINES["BT_BN"] // BLOCKTILE_DEFINES["BT_TN"])
+
+WARP = 32
+MAX_STATIC_SMEM = 48 * 1024  # bytes of static __shared__ per block (more needs an opt-in)
+MAX_REGS_PER_THREAD = 255
+REGS_PER_SM = 65536  # every sm_80 / sm_90 part; __launch_bounds__(NT) must fit one block
+
+
+class WarpTile(NamedTuple):
+    """Tile of the warptiled stage (the WT_* defines of matmul.cu).
+
+    A block of ``nt`` threads owns a ``bm`` x ``bn`` tile of C and walks K in ``bk``-deep
+    slices; each warp owns a ``wm`` x ``wn`` warp tile, covered in ``wmiter`` x ``wniter``
+    sub-tiles, and in each sub-tile a lane holds a ``tm`` x ``tn`` fragment.
+    """
+
+    bm: int
+    bn: int
+    bk: int
+    wm: int
+    wn: int
+    wniter: int
+    tm: int
+    tn: int
+    nt: int
+
+    @property
+    def wmiter(self) -> int:  # as the WT_WMITER macro computes it (integer division)
+        return (self.wm * self.wn) // (WARP * self.tm * self.tn * self.wniter)
+
+    @property
+    def results_per_thread(self) -> int:
+        return self.wmiter * self.tm * self.wniter * self.tn
+
+    @property
+    def smem_bytes(self) -> int:  # As (BK x BM) + Bs (BK x BN), float32
+        return 4 * self.bk * (self.bm + self.bn)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.bm}x{self.bn}x{self.bk} warp {self.wm}x{self.wn} (wniter {self.wniter}) "
+                f"thread {self.tm}x{self.tn}, {self.nt} threads")
+
+    def defines(self) -> dict:
+        return {f"WT_{field.upper()}": value for field, value in self._asdict().items()}
+
+
+def check_warptile(tile: WarpTile) -> WarpTile:
+    """``tile`` if matmul_warptiled (matmul.cu) computes correct results with it; otherwise
+    ValueError saying which assumption of the kernel it breaks.
+
+    The kernel's static_asserts catch some of these only at compile time, and the integer
+    division in WT_WMITER would let others through silently (rows of C left unwritten). The
+    last rule (registers) is necessary, not sufficient: the nvcc test checks for real spills.
+    """
+    t = tile
+    if not all(isinstance(v, int) and v > 0 for v in t):
+        raise ValueError(f"warptile {t}: every size must be a positive int")
+    rules = [
+        (t.bm % t.wm == 0 and t.bn % t.wn == 0,
+         "warp tiles (WM x WN) must tile the block tile (BM % WM == BN % WN == 0)"),
+        (t.nt == WARP * (t.bm // t.wm) * (t.bn // t.wn),
+         "one warp per warp tile: NT == 32 * (BM / WM) * (BN / WN)"),
+        ((t.wm * t.wn) % (WARP * t.tm * t.tn * t.wniter) == 0 and t.wmiter >= 1,
+         "32 lanes x TM x TN fragments x WMITER x WNITER sub-tiles must cover the warp tile "
+         "exactly: (WM * WN) % (32 * TM * TN * WNITER) == 0"),
+        (t.wmiter >= 1 and t.wm % t.wmiter == 0 and t.wn % t.wniter == 0,
+         "sub-tiles must divide the warp tile (WM % WMITER == WN % WNITER == 0)"),
+        (t.wmiter >= 1 and (t.wm // t.wmiter) % t.tm == 0 and (t.wn // t.wniter) % t.tn == 0,
+         "lane fragments must divide a sub-tile (WSUBM % TM == WSUBN % TN == 0)"),
+        (t.tn % 4 == 0, "C is stored as float4: TN % 4 == 0"),
+        (t.bk % 4 == 0 and t.bn % 4 == 0,
+         "tiles are loaded as float4 along K (A) and N (B): BK % 4 == BN % 4 == 0"),
+        ((t.bm * t.bk // 4) % t.nt == 0 and (t.bk * t.bn // 4) % t.nt == 0,
+         "every thread loads the same number of float4 chunks: (BM*BK/4) % NT == "
+         "(BK*BN/4) % NT == 0"),
+        (t.nt <= 1024, "at most 1024 threads per block"),
+        (t.smem_bytes <= MAX_STATIC_SMEM,
+         f"As + Bs = 4*BK*(BM+BN) = {t.smem_bytes} B exceeds the {MAX_STATIC_SMEM} B of "
+         "static shared memory a block may declare"),
+        (t.results_per_thread + t.wmiter * t.tm + t.wniter * t.tn
+         <= min(MAX_REGS_PER_THREAD, REGS_PER_SM // t.nt),
+         f"{t.results_per_thread} accumulators + the A and B fragments cannot fit in the "
+         f"{min(MAX_REGS_PER_THREAD, REGS_PER_SM // t.nt)} registers a thread of a "
+         f"{t.nt}-thread block may use: certain spills"),
+    ]
+    for ok, reason in rules:
+        if not ok:
+            raise ValueError(f"warptile {t.label}: {reason}")
+    return tile
+
+
+# Candidate tiles for the warptiled stage, to be timed against each other on the target GPU by
+# the sweep in benchmarks/gpu_bench.py (at 4096^3, beside cuBLAS): they were chosen from what
+# is published for this kernel on Ampere-class GPUs, NOT measured here (no GPU where this was
+# written; the register counts are ptxas's, nvcc 13.0 -arch=sm_90). Every candidate is
+# compile-checked by CI (BUILD_VARIANTS) and run on the CPU emulation by tests/test_cuda.py.
+# On an SM (65536 registers) the register count decides how many blocks fit, hence the notes.
+WARPTILES = {
+    # siboehm/SGEMM_CUDA kernel 10's A6000 setting: the stage's default until a sweep on the
+    # GPU picks another. 223 registers: 2 blocks of 4 warps per SM; 128 results per thread.
+    "siboehm-a6000": WarpTile(bm=128, bn=128, bk=16, wm=64, wn=64, wniter=4, tm=8, tn=4, nt=128),
+    # Kernel 10's published A100 setting: half the block tile, 4 x 4 fragments, 64 results per
+    # thread. 167 registers: 3 blocks per SM, more warps to hide latency with.
+    "siboehm-a100": WarpTile(bm=64, bn=128, bk=16, wm=32, wn=64, wniter=1, tm=4, tn=4, nt=128),
+    # Kernel 11's A6000 setting (there with double-buffered loads, here without): a 128 x 256
+    # block of 8 warps, each 128 x 32 in 8 x 8 fragments. Twice the block tile, so half the
+    # global loads per FMA; 182 registers: 1 block (8 warps) per SM.
+    "siboehm-k11": WarpTile(bm=128, bn=256, bk=16, wm=128, wn=32, wniter=1, tm=8, tn=8, nt=256),
+    # The default's warp tile (64 x 64, 8 x 4 fragments) in a 128 x 256 block of 8 warps: the
+    # larger block without changing the warp-level code path. 219 registers: 1 block per SM.
+    "wide-256t": WarpTile(bm=128, bn=256, bk=16, wm=64, wn=64, wniter=4, tm=8, tn=4, nt=256),
+    # The default with BK = 32: half the __syncthreads() per FMA, 32 KiB of shared memory.
+    # 248 registers, close to the 255 cap: 2 blocks per SM.
+    "bk32": WarpTile(bm=128, bn=128, bk=32, wm=64, wn=64, wniter=4, tm=8, tn=4, nt=128),
+    # BK = 8 with 256 threads of 64 results (8 warps of 64 x 32): 109 registers, 2 blocks
+    # (16 warps) per SM: latency hidden by more warps rather than by more work per thread.
+    "bk8-256t": WarpTile(bm=128, bn=128, bk=8, wm=64, wn=32, wniter=2, tm=8, tn=4, nt=256),
+}
+WARPTILE = WARPTILES["siboehm-a6000"]  # the registered stage's tile
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_defines(tile: WarpTile = WARPTILE) -> dict:
+    """All -D defines of matmul.cu with the warptiled stage's tile set to ``tile`` (checked).
+
+    Cached per tile, so the launcher pays for the check once; the dict is shared: read only.
+    """
+    return {**BLOCKTILE_DEFINES, **check_warptile(tile).defines()}
+
+
+MATMUL_DEFINES = matmul_defines(WARPTILE)
 
 
 class ConvTile(NamedTuple):
@@ -79,7 +210,7 @@ def conv_defines(real: str) -> dict:
 
 # Every (source, defines) combination the Python modules compile; the nvcc test compiles these.
 BUILD_VARIANTS = {
-    "matmul.cu": [MATMUL_DEFINES],
+    "matmul.cu": [matmul_defines(tile) for tile in WARPTILES.values()],
     "conv2d.cu": [conv_defines(c) for c in CONV_DTYPES.values()],
     "conv2d_bias_relu.cu": [conv_defines(c) for c in CONV_DTYPES.values()],
 }

@@ -12,7 +12,8 @@
 // accesses otherwise (the flag is uniform across the grid, so the branch never diverges).
 //
 // Tile sizes are compile-time constants set by the loader with -D defines (one source of truth:
-// MATMUL_DEFINES in kernels/cuda/_loader.py, which also computes the launch grids from them).
+// MATMUL_DEFINES and WARPTILES in kernels/cuda/_loader.py, which also compute the launch grids
+// from them).
 //
 // Grid layout for every kernel: blockIdx.x walks row blocks of C, blockIdx.y column blocks
 // (gridDim.x may reach 2^31 - 1, gridDim.y only 65535, and batched "linear layer" calls fold
@@ -21,7 +22,8 @@
 // Register use (nvcc 13.0 -arch=sm_90 -Xptxas -v; no spills anywhere, which the test
 // tests/test_cuda.py::test_nvcc_compiles checks): naive 32, coalesced 32, smem 32,
 // blocktiled 143 (1 block of 256 threads per SM), vectorized 109 (2 blocks per SM),
-// warptiled 223 (2 blocks of 128 threads per SM).
+// warptiled 223 with the default tile (2 blocks of 128 threads per SM); the other candidate
+// tiles' counts are noted beside them in _loader.WARPTILES.
 
 #include "common.cuh"
 
@@ -300,7 +302,11 @@ matmul_vectorized(const float* __restrict__ A, const float* __restrict__ B, floa
 //   Bottleneck removed: shared-memory bank conflicts and the sync overhead per FMA.
 //   Still lacks: double-buffered (cp.async / TMA) tile loads that overlap the FMAs, and tensor
 //   cores (TF32 / wgmma), which is where a vendor library's remaining lead comes from.
-//   Shared memory: (16*128 + 16*128) * 4 B = 16 KiB per block; 128 threads, 128 results each.
+//   Default tile (siboehm's A6000 setting, not tuned for the H200): 128 x 128 x 16, 64 x 64
+//   warp tiles, 8 x 4 fragments; shared memory (16*128 + 16*128) * 4 B = 16 KiB per block;
+//   128 threads, 128 results each. The tile is meant to be chosen by the sweep over
+//   _loader.WARPTILES in benchmarks/gpu_bench.py, run on the target GPU; every candidate
+//   satisfies _loader.check_warptile, which spells out what this kernel assumes of its tile.
 // ------------------------------------------------------------------------------------------
 #define WT_WMITER ((WT_WM * WT_WN) / (32 * WT_TM * WT_TN * WT_WNITER))
 #define WT_WSUBM (WT_WM / WT_WMITER)

@@ -21,17 +21,17 @@ import numpy as np
 from fastops.registry import register
 
 from . import _loader
-from ._loader import BT_THREADS, MATMUL_DEFINES as T, cdiv
+from ._loader import BT_THREADS, MATMUL_DEFINES as T, WARPTILE, WarpTile, cdiv
 
 cupy = _loader.require_cupy()  # ImportError (with the reason) when there is no CuPy or GPU
 
 F32 = ("float32",)
 
 
-def _launch(name: str, grid, block, a, b, out, *extra) -> None:
+def _launch(name: str, grid, block, a, b, out, *extra, defines=T) -> None:
     m, k = a.shape
     n = b.shape[1]
-    fn = _loader.kernel("matmul.cu", name, T)
+    fn = _loader.kernel("matmul.cu", name, defines)
     grid = _loader.check_grid(grid, f"matmul/{name} with M={m}, N={n}")
     with out.device:
         fn(grid, block, (a, b, out, np.int32(m), np.int32(n), np.int32(k), *extra))
@@ -134,21 +134,45 @@ def matmul_vectorized(a, b, out):
     _launch("matmul_vectorized", grid, (BT_THREADS,), a, b, out, *_vec_flags(a, b, out))
 
 
-@register("matmul", "cupy", "warptiled", "block -> warp -> thread tiling, BK 16, 128 results/thread",
+def run_warptiled(a, b, out, tile: WarpTile = WARPTILE) -> None:
+    """The warptiled kernel (stage 6) compiled for block/warp/thread tile ``tile``.
+
+    ``tile`` is one of ``_loader.WARPTILES`` or any tile ``_loader.check_warptile`` accepts
+    (ValueError otherwise). The registered stage runs it with the default tile; the tile
+    sweep in benchmarks/gpu_bench.py and the tests run every candidate through here. Each tile
+    is its own compiled module, cached per device like every other kernel.
+    """
+    defines = _loader.matmul_defines(tile)
+    m, n = a.shape[0], b.shape[1]
+    grid = (cdiv(m, tile.bm), cdiv(n, tile.bn))
+    _launch("matmul_warptiled", grid, (tile.nt,), a, b, out, *_vec_flags(a, b, out),
+            defines=defines)
+
+
+@register("matmul", "cupy", "warptiled",
+          f"block -> warp -> thread tiling, BK {WARPTILE.bk}, "
+          f"{WARPTILE.results_per_thread} results/thread",
           device="gpu", dtypes=F32)
 def matmul_warptiled(a, b, out):
     """Stage 6 · warptiled.
 
-    Changed since vectorized: a level of tiling for the warp sits between the block tile
-    (128 x 128, 4 warps) and the thread fragment. Each warp owns a 64 x 64 warp tile, covered
-    in 1 x 4 sub-tiles of 64 x 16; in each sub-tile a lane holds an 8 x 4 fragment, so a lane
-    accumulates 128 results. Lanes of a warp read neighbouring shared-memory words (fewer
-    bank conflicts), every value loaded into a register feeds 16 or 8 FMAs, and BK doubles to
-    16 so each pair of __syncthreads() buys twice the arithmetic.
+    Changed since vectorized: a level of tiling for the warp sits between the block tile and
+    the thread fragment. With the default tile, a block of 4 warps owns 128 x 128 of C; each
+    warp owns a 64 x 64 warp tile, covered in 1 x 4 sub-tiles of 64 x 16; in each sub-tile a
+    lane holds an 8 x 4 fragment, so a lane accumulates 128 results. Lanes of a warp read
+    neighbouring shared-memory words (fewer bank conflicts), every value loaded into a
+    register feeds 16 or 8 FMAs, and BK doubles to 16 so each pair of __syncthreads() buys
+    twice the arithmetic.
     Bottleneck removed: shared-memory bank conflicts and synchronisation per FMA.
     Still lacks: asynchronous double-buffered tile loads (cp.async / TMA) and tensor cores
     (TF32 wgmma on Hopper), which is most of the remaining gap to the vendor BLAS.
+
+    The tile: the sizes above are the default, siboehm/SGEMM_CUDA's A6000 setting, and were
+    not tuned for the H200. ``_loader.WARPTILES`` lists candidate tiles (published settings for
+    this kernel on Ampere-class GPUs, larger 256-thread blocks, BK 8 / 16 / 32);
+    benchmarks/gpu_bench.py times each against cuBLAS at 4096^3 on the GPU and reports the
+    best; making the winner the default is then one line (``_loader.WARPTILE``). Nothing was
+    measured where this was written (no GPU): which tile wins on the H200 is for that sweep to
+    say.
     """
-    m, n = a.shape[0], b.shape[1]
-    grid = (cdiv(m, T["WT_BM"]), cdiv(n, T["WT_BN"]))
-    _launch("matmul_warptiled", grid, (T["WT_NT"],), a, b, out, *_vec_flags(a, b, out))
+    run_warptiled(a, b, out, WARPTILE)
