@@ -3,6 +3,10 @@
 
 * matmul: every stage of matmul/cupy at n x n x n (default n = 1024, 2048, 4096), float32,
   against cuBLAS through ``cupy.matmul`` (FP32, CUPY_TF32=0): time, GFLOP/s, % of cuBLAS.
+* warptile sweep: at the largest n, the warptiled stage under every candidate tile of
+  ``_loader.WARPTILES`` (same inputs, same cuBLAS reference), with each compiled kernel's
+  registers and blocks per SM; the fastest correct candidate feeds the "best matmul" line,
+  and is the one to make the default (``_loader.WARPTILE``). --skip-sweep leaves it out.
 * conv2d + bias + ReLU: every stage of conv2d_bias_relu/cupy (the un-fused ones and fused) on
   the ResNet-50 layer set at batch 8, float32, against PyTorch cuDNN
   ``relu(F.conv2d(x, w, b, ...))`` with TF32 off (the like-for-like FP32 comparison) and on.
@@ -13,11 +17,13 @@ kernels are timed at the kernel entry point (after validation); PyTorch at its P
 its per-call dispatch overhead (microseconds) is included: it matters only for tiny layers.
 
 Usage: python benchmarks/gpu_bench.py [--out DIR] [--sizes 1024,2048,4096] [--batch 8]
+                                     [--budget-s 240] [--skip-matmul] [--skip-sweep] [--skip-conv]
 Exits with status 2 and a "no GPU" message when CuPy or a CUDA GPU is missing.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,6 +31,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+TARGET_PCT_OF_CUBLAS = 80.0  # the matmul goal: best stage >= 0.8x cuBLAS at the largest n
+# A timed entry whose max |error| / max |cuBLAS result| passes this is wrong, not slow: it is
+# reported but can never be "best". FP32 rounding at n = 4096 is orders of magnitude below.
+MAX_REL_ERR = 1e-3
 
 # (name, C, H=W, K, kernel, stride, padding, groups): ResNet-50's conv shapes.
 RESNET_LAYERS = [
@@ -50,7 +61,10 @@ def parse_args(argv=None):
                         help="seconds of timed calls per entry (default 0.3)")
     parser.add_argument("--budget-s", type=float, default=240,
                         help="stop starting new entries after this many seconds (default 240)")
-    parser.add_argument("--skip-matmul", action="store_true")
+    parser.add_argument("--skip-matmul", action="store_true",
+                        help="no matmul benchmark (and so no warptile sweep)")
+    parser.add_argument("--skip-sweep", action="store_true",
+                        help="time only the registered warptiled tile, not every candidate")
     parser.add_argument("--skip-conv", action="store_true")
     return parser.parse_args(argv)
 
@@ -92,16 +106,61 @@ class Timer:
 
 # ------------------------------------------------------------------------------ benchmarks
 def skip_reason(impl, flops, deadline):
-    """Why ``impl`` is not timed on a problem of ``flops`` (None: time it)."""
-    if not impl.fits(flops):
+    """Why ``impl`` (None: a sweep entry, no size limit) is not timed on a problem of
+    ``flops`` (None: time it)."""
+    if impl is not None and not impl.fits(flops):
         return f"max_flops {impl.max_flops:.3g} < {flops:.3g}"
     if time.monotonic() > deadline:
         return "time budget spent"
     return None
 
 
-def bench_matmul(cupy, registry, timer, sizes, deadline, log):
-    rows = []
+def time_matmul(timer, fn, out, ref, t_ref, flops):
+    """Time ``fn()``, which writes ``out``; compare ``out`` with the cuBLAS result ``ref``
+    (taking ``t_ref`` seconds). NaN-filled first, so a kernel that skips elements shows."""
+    out.fill(float("nan"))
+    t, reps = timer(fn)
+    err = float(abs(out - ref).max()) / float(abs(ref).max())
+    return dict(ms=t * 1e3, reps=reps, gflops=flops / t / 1e9, pct_of_cublas=100.0 * t_ref / t,
+                rel_err=err)
+
+
+def warptile_sweep():
+    """(name, tile label, kernel(a, b, out), resources()) for every warptiled candidate tile."""
+    from fastops.kernels.cuda import _loader
+    from fastops.kernels.cuda.matmul import run_warptiled
+
+    def resources(tile):
+        fn = _loader.kernel("matmul.cu", "matmul_warptiled", _loader.matmul_defines(tile))
+        return kernel_resources(fn, tile.nt)
+
+    return [(name, tile.label, functools.partial(run_warptiled, tile=tile),
+             functools.partial(resources, tile)) for name, tile in _loader.WARPTILES.items()]
+
+
+def kernel_resources(fn, threads):
+    """Registers, spilled bytes and resident blocks per SM of a compiled cupy.RawKernel: what
+    explains a tile's speed. Best effort: a field CuPy cannot report is left out."""
+    found = {}
+    for key, get in (("regs", lambda: fn.num_regs), ("spill_bytes", lambda: fn.local_size_bytes),
+                     ("blocks_per_sm", lambda: _blocks_per_sm(fn, threads))):
+        try:
+            found[key] = int(get())
+        except Exception:  # noqa: BLE001 - an informative extra, never a reason to fail
+            pass
+    return found
+
+
+def _blocks_per_sm(fn, threads):
+    import cupy
+
+    return cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+
+
+def bench_matmul(cupy, registry, timer, sizes, deadline, log, sweep=()):
+    """The ladder at every n in ``sizes`` and, at the largest n, every ``sweep`` entry (see
+    warptile_sweep). Returns (ladder rows, sweep rows)."""
+    rows, sweep_rows = [], []
     for n in sizes:
         rng = cupy.random.default_rng(n)
         a = rng.standard_normal((n, n), dtype=cupy.float32)
@@ -110,7 +169,6 @@ def bench_matmul(cupy, registry, timer, sizes, deadline, log):
         out = cupy.empty((n, n), cupy.float32)
         flops = 2.0 * n ** 3
         t_ref, reps = timer(lambda: cupy.matmul(a, b, out=ref))
-        scale = float(cupy.abs(ref).max())
         rows.append(dict(size=n, stage="cuBLAS (cupy.matmul)", ms=t_ref * 1e3, reps=reps,
                          gflops=flops / t_ref / 1e9, pct_of_cublas=100.0, rel_err=0.0))
         log(f"matmul {n}: cuBLAS {t_ref * 1e3:.3f} ms, {flops / t_ref / 1e12:.2f} TFLOP/s")
@@ -120,17 +178,62 @@ def bench_matmul(cupy, registry, timer, sizes, deadline, log):
             if skipped:
                 row["skipped"] = skipped
             else:
-                out.fill(float("nan"))
-                t, reps = timer(lambda: impl.kernel(a, b, out))
-                err = float(cupy.abs(out - ref).max()) / scale
-                row.update(ms=t * 1e3, reps=reps, gflops=flops / t / 1e9,
-                           pct_of_cublas=100.0 * t_ref / t, rel_err=err)
-                log(f"matmul {n}: {impl.stage:<11} {t * 1e3:9.3f} ms  "
-                    f"{100 * t_ref / t:6.1f}% of cuBLAS  max rel err {err:.2e}")
+                row.update(time_matmul(timer, lambda: impl.kernel(a, b, out), out, ref, t_ref,
+                                       flops))
+                log(f"matmul {n}: {impl.stage:<11} {row['ms']:9.3f} ms  "
+                    f"{row['pct_of_cublas']:6.1f}% of cuBLAS  max rel err {row['rel_err']:.2e}")
             rows.append(row)
+        for name, label, kernel, resources in (sweep if n == max(sizes) else ()):
+            row = dict(size=n, stage="warptiled", config=name, tile=label)
+            skipped = skip_reason(None, flops, deadline)
+            if skipped:
+                row["skipped"] = skipped
+                sweep_rows.append(row)
+                continue
+            try:
+                row.update(time_matmul(timer, lambda: kernel(a, b, out), out, ref, t_ref, flops))
+            except Exception as exc:  # noqa: BLE001 - candidates were never run on a GPU before
+                # the sweep: one that fails to compile or launch is reported, the others run.
+                row["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log(f"matmul {n}: warptiled[{name}] failed: {row['failed']}")
+            else:
+                row.update(resources())  # after the timed calls, which compiled the kernel
+                log(f"matmul {n}: warptiled[{name:<13}] {row['ms']:9.3f} ms  "
+                    f"{row['pct_of_cublas']:6.1f}% of cuBLAS  max rel err {row['rel_err']:.2e}  "
+                    f"{row.get('regs', '?')} regs, {row.get('blocks_per_sm', '?')} blocks/SM")
+            sweep_rows.append(row)
         del a, b, ref, out
         cupy.get_default_memory_pool().free_all_blocks()
-    return rows
+    return rows, sweep_rows
+
+
+def best_matmul(rows, sweep_rows):
+    """The fastest correct fastops entry (ladder stage or sweep candidate) at the largest n
+    that was timed, with whether it meets the target; None if nothing was timed."""
+    timed = [r for r in rows + sweep_rows if "ms" in r and not r["stage"].startswith("cuBLAS")]
+    if not timed:
+        return None
+    n = max(r["size"] for r in timed)
+    correct = [r for r in timed if r["size"] == n and r["rel_err"] <= MAX_REL_ERR]
+    if not correct:
+        return dict(size=n, error=f"no entry at n = {n} within max rel err {MAX_REL_ERR:g}")
+    best = dict(min(correct, key=lambda r: r["ms"]))
+    best["target_pct_of_cublas"] = TARGET_PCT_OF_CUBLAS
+    best["meets_target"] = best["pct_of_cublas"] >= TARGET_PCT_OF_CUBLAS
+    return best
+
+
+def _entry_name(row):
+    return f"{row['stage']}[{row['config']}]" if "config" in row else row["stage"]
+
+
+def best_matmul_line(best):
+    if "error" in best:
+        return f"best matmul: {best['error']}"
+    verdict = "met" if best["meets_target"] else "not met"
+    return (f"best matmul at n = {best['size']}: {_entry_name(best)}, {best['ms']:.3f} ms, "
+            f"{best['gflops']:.0f} GFLOP/s, {best['pct_of_cublas']:.1f}% of cuBLAS "
+            f"(target {best['target_pct_of_cublas']:.0f}%: {verdict})")
 
 
 def bench_conv(cupy, registry, timer, torch, batch, deadline, log):
@@ -208,6 +311,8 @@ def write_markdown(report, path: Path):
               f"- timing: {report['method']}", ""]
     if report.get("error"):
         lines += [f"**{report['error']}**", ""]
+    if report.get("best_matmul"):
+        lines += [f"**{best_matmul_line(report['best_matmul'])}**", ""]
     if report.get("matmul"):
         lines += ["## matmul (float32, n x n x n) vs cuBLAS", "",
                   "| n | stage | ms | GFLOP/s | % of cuBLAS | max rel err |",
@@ -219,6 +324,23 @@ def write_markdown(report, path: Path):
                 lines.append(f"| {r['size']} | {r['stage']} | {r['ms']:.3f} | "
                              f"{r['gflops']:.0f} | {r['pct_of_cublas']:.1f} | "
                              f"{r['rel_err']:.1e} |")
+        lines.append("")
+    if report.get("warptile_sweep"):
+        sweep = report["warptile_sweep"]
+        lines += [f"## warptiled tile sweep (n = {sweep[0]['size']}) vs cuBLAS", "",
+                  "Every candidate of kernels/cuda/_loader.py WARPTILES on the same inputs; "
+                  "the fastest correct one is the one to make the default (WARPTILE).", "",
+                  "| config | tile | ms | GFLOP/s | % of cuBLAS | max rel err | registers | "
+                  "blocks/SM |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sweep:
+            if "ms" not in r:
+                why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['failed']}"
+                lines.append(f"| {r['config']} | {r['tile']} | {why} | | | | | |")
+            else:
+                lines.append(f"| {r['config']} | {r['tile']} | {r['ms']:.3f} | "
+                             f"{r['gflops']:.0f} | {r['pct_of_cublas']:.1f} | "
+                             f"{r['rel_err']:.1e} | {_fmt(r.get('regs'), 'd')} | "
+                             f"{_fmt(r.get('blocks_per_sm'), 'd')} |")
         lines.append("")
     if report.get("conv"):
         lines += [f"## conv2d + bias + ReLU (float32, batch {report['args']['batch']}) "
@@ -258,6 +380,11 @@ def environment(cupy, torch):
     return env
 
 
+def save_report(report, out_dir: Path):
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_markdown(report, out_dir / "report.md")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
@@ -269,7 +396,7 @@ def main(argv=None) -> int:
         print(f"[{time.monotonic() - start:6.1f}s] {msg}", flush=True)
 
     report = dict(args=vars(args), method="CUDA events, warm-up then median of 3-50 calls",
-                  environment={}, matmul=[], conv=[])
+                  environment={}, matmul=[], warptile_sweep=[], best_matmul=None, conv=[])
     cupy = torch = None
     try:
         import cupy
@@ -287,8 +414,7 @@ def main(argv=None) -> int:
     if "error" in report:
         report["environment"] = environment(None, None)
         print(report["error"], file=sys.stderr)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-        write_markdown(report, out_dir / "report.md")
+        save_report(report, out_dir)
         return 2
     try:
         import torch
@@ -308,13 +434,20 @@ def main(argv=None) -> int:
     try:
         if not args.skip_matmul:
             sizes = [int(s) for s in args.sizes.split(",") if s]
-            report["matmul"] = bench_matmul(cupy, registry, timer, sizes, deadline, log)
+            sweep = () if args.skip_sweep else warptile_sweep()
+            report["matmul"], report["warptile_sweep"] = bench_matmul(
+                cupy, registry, timer, sizes, deadline, log, sweep)
+            report["best_matmul"] = best_matmul(report["matmul"], report["warptile_sweep"])
+            if report["best_matmul"]:
+                log(best_matmul_line(report["best_matmul"]))
+            # Saved now as well: if the conv part overruns gpu_check.sh's timeout (which kills
+            # this process, so `finally` never runs), the sweep's table is not lost.
+            save_report(report, out_dir)
         if not args.skip_conv:
             report["conv"] = bench_conv(cupy, registry, timer, torch, args.batch, deadline, log)
     finally:
         report["elapsed_s"] = time.monotonic() - start
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        write_markdown(report, out_dir / "report.md")
+        save_report(report, out_dir)
         log(f"wrote {out_dir / 'report.json'} and {out_dir / 'report.md'}")
     return 0
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA (cupy) backend, for a machine with an NVIDIA GPU, CuPy and (optionally)
-# PyTorch and nvcc: runs tests/test_cuda.py, then benchmarks/gpu_bench.py, in about 6 minutes.
+# PyTorch and nvcc: runs tests/test_cuda.py (its GPU and NVRTC layers), then
+# benchmarks/gpu_bench.py (the ladders, and the sweep over the warptiled stage's candidate
+# tiles at the largest matmul size), in at most TEST_TIMEOUT + BENCH_TIMEOUT (7 minutes).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: $OUT, else ./gpu-out
 #
@@ -9,7 +11,8 @@
 # with kernels/ placed at fastops/kernels (what setup.py's package_dir does when installing),
 # so the Cython extension need not build there. Environment knobs: PYTHON (default python3),
 # TEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 270), BENCH_ARGS (extra arguments
-# for gpu_bench.py, e.g. "--sizes 1024 --batch 2").
+# for gpu_bench.py, e.g. "--sizes 1024 --batch 2" or "--skip-sweep"), TEST_SELECT (pytest -k
+# expression; default: leave out the nvcc and CPU-emulation layers, see below; "" runs all).
 # Exit status: 0 when tests and benchmark passed, 2 when there is no GPU, 1 otherwise.
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,8 +55,12 @@ cat "$OUT_DIR/env.txt"
 # Run from the staged copy (cwd first on sys.path), so `import fastops` finds the staged package.
 cd "$STAGE" || exit 1
 echo "== tests/test_cuda.py"
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
-    | tee "$OUT_DIR/pytest.log"
+# The nvcc compile check and the CPU emulation need no GPU and run in CI (scripts/test.sh,
+# scripts/check_cuda.sh); with one compile per warptile candidate they cost tens of seconds
+# that a GPU session, short and scarce, spends better on the GPU-only layers.
+TEST_SELECT=${TEST_SELECT-not nvcc_compiles and not emulated}
+timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    ${TEST_SELECT:+-k "$TEST_SELECT"} 2>&1 | tee "$OUT_DIR/pytest.log"
 test_rc=${PIPESTATUS[0]}
 
 echo "== benchmarks/gpu_bench.py"

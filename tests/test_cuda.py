@@ -701,9 +701,99 @@ def test_gpu_bench_report_writer(tmp_path):
         dict(impl="fastops fused", ms=2.0, gflops=0.5, speed_vs_cudnn_fp32=0.5,
              rel_err_vs_torch=1e-6),
         dict(impl="fastops naive", skipped="time budget spent")])])
+    report["warptile_sweep"] = [
+        dict(size=64, stage="warptiled", config="a", tile="t", ms=2.0, gflops=1.0,
+             pct_of_cublas=50.0, rel_err=1e-7, regs=200, blocks_per_sm=2),
+        dict(size=64, stage="warptiled", config="b", tile="t", skipped="time budget spent"),
+        dict(size=64, stage="warptiled", config="c", tile="t", failed="CUDADriverError: x")]
+    report["best_matmul"] = bench.best_matmul(report["matmul"], report["warptile_sweep"])
     bench.write_markdown(report, tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
     assert "| 64 | naive | skipped: max_flops" in text and "0.50x" in text
+    assert "| a | t | 2.000 | 1 | 50.0 | 1.0e-07 | 200 | 2 |" in text
+    assert "| b | t | skipped: time budget spent" in text
+    assert "| c | t | failed: CUDADriverError: x |" in text
+    assert "best matmul at n = 64: warptiled[a], 2.000 ms" in text and "80%: not met" in text
+
+
+def test_gpu_bench_best_matmul():
+    """The best line: fastest correct entry at the largest timed n, cuBLAS and wrong excluded."""
+    bench = _gpu_bench()
+
+    def row(size, stage, ms, err=1e-7, **extra):
+        return dict(size=size, stage=stage, ms=ms, gflops=1.0, pct_of_cublas=100.0 / ms,
+                    rel_err=err, **extra)
+
+    ladder = [row(64, "cuBLAS (cupy.matmul)", 1.0), row(64, "smem", 0.1),
+              row(128, "cuBLAS (cupy.matmul)", 1.0), row(128, "smem", 2.0),
+              row(128, "warptiled", 1.5), dict(size=128, stage="naive", skipped="max_flops")]
+    sweep = [row(128, "warptiled", 1.2, config="good"),
+             row(128, "warptiled", 0.5, err=0.3, config="wrong"),
+             dict(size=128, stage="warptiled", config="late", skipped="time budget spent")]
+    best = bench.best_matmul(ladder, sweep)
+    assert (best["size"], best["config"], best["meets_target"]) == (128, "good", True)
+    assert bench.best_matmul(ladder, [])["stage"] == "warptiled"
+    assert not bench.best_matmul(ladder, [])["meets_target"]  # 1.5x cuBLAS's time: 67%
+    assert "error" in bench.best_matmul([], [sweep[1]])
+    assert bench.best_matmul(ladder[:1], []) is None
+
+
+def test_gpu_bench_sweep_on_emulation(emulated, tmp_path):
+    """bench_matmul + the warptile sweep end to end, on the CPU emulation of the kernels with
+    NumPy standing in for CuPy: every candidate is timed (fake clock) and checked against the
+    reference; the report has the sweep table and the best line."""
+    bench = _gpu_bench()
+
+    class Rng:
+        def __init__(self, seed):
+            self.rng = np.random.default_rng(seed)
+
+        def standard_normal(self, shape, dtype):
+            return emu(self.rng.standard_normal(shape, dtype=dtype))
+
+    fake_cupy = types.SimpleNamespace(
+        float32=np.float32, matmul=np.matmul, random=types.SimpleNamespace(default_rng=Rng),
+        empty=lambda shape, dtype: emu(np.empty(shape, dtype)),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+    warptiled = types.SimpleNamespace(stage="warptiled", fits=lambda flops: True,
+                                      kernel=emulated[("matmul", "warptiled")].kernel)
+    fake_registry = types.SimpleNamespace(ladder=lambda op, backend: [warptiled])
+    clock = iter(range(1000, 0, -1))  # every timed entry is faster than the one before
+
+    def timer(fn, use_torch=False):
+        fn()
+        return next(clock) * 1e-3, 1
+
+    sweep = bench.warptile_sweep()
+    assert [name for name, *_ in sweep] == list(WARPTILES)
+    rows, sweep_rows = bench.bench_matmul(fake_cupy, fake_registry, timer, [24, 130],
+                                          float("inf"), lambda msg: None, sweep)
+    assert [(r["size"], r["stage"]) for r in rows] == [
+        (24, "cuBLAS (cupy.matmul)"), (24, "warptiled"),
+        (130, "cuBLAS (cupy.matmul)"), (130, "warptiled")]
+    assert [(r["size"], r["config"]) for r in sweep_rows] == [(130, n) for n in WARPTILES]
+    timed = [r for r in rows if r["stage"] == "warptiled"] + sweep_rows
+    assert all(r["rel_err"] < 1e-5 for r in timed), timed  # the emulated kernels computed C
+    best = bench.best_matmul(rows, sweep_rows)
+    assert best["config"] == list(WARPTILES)[-1]  # the last one timed got the fastest clock
+    report = dict(args=dict(batch=8), method="m", environment={}, matmul=rows,
+                  warptile_sweep=sweep_rows, best_matmul=best)
+    bench.write_markdown(report, tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    assert "## warptiled tile sweep (n = 130)" in text
+    assert all(f"| {name} | {tile.label} |" in text for name, tile in WARPTILES.items())
+    # Budget spent: the sweep's entries are listed as skipped, not timed.
+    _, late = bench.bench_matmul(fake_cupy, fake_registry, timer, [24], 0.0, lambda m: None,
+                                 sweep)
+    assert all(r["skipped"] == "time budget spent" for r in late) and len(late) == len(sweep)
+    # A candidate that raises is reported as failed; the ones after it still run.
+    def broken(a, b, out):
+        raise RuntimeError("too many resources requested for launch")
+
+    _, failed = bench.bench_matmul(fake_cupy, fake_registry, timer, [24], float("inf"),
+                                   lambda m: None, [("broken", "t", broken, dict)] + sweep[:1])
+    assert failed[0]["failed"] == "RuntimeError: too many resources requested for launch"
+    assert "ms" in failed[1] and bench.best_matmul([], failed)["config"] == sweep[0][0]
 
 
 def test_gpu_bench_says_no_gpu(tmp_path):
