@@ -337,9 +337,12 @@ def write_markdown(report, path: Path):
                 why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['failed']}"
                 lines.append(f"| {r['config']} | {r['tile']} | {why} | | | | | |")
             else:
+                regs = _fmt(r.get("regs"), "d")
+                if r.get("spill_bytes"):
+                    regs += f" ({r['spill_bytes']} B spilled)"
                 lines.append(f"| {r['config']} | {r['tile']} | {r['ms']:.3f} | "
                              f"{r['gflops']:.0f} | {r['pct_of_cublas']:.1f} | "
-                             f"{r['rel_err']:.1e} | {_fmt(r.get('regs'), 'd')} | "
+                             f"{r['rel_err']:.1e} | {regs} | "
                              f"{_fmt(r.get('blocks_per_sm'), 'd')} |")
         lines.append("")
     if report.get("conv"):

@@ -10,12 +10,13 @@ Four layers, so that most of the backend is checked on machines without a GPU:
 3. The kernels *run* on the CPU: the expanded CUDA source is compiled with g++ behind a small
    emulation of the CUDA execution model (one std::thread per CUDA thread, std::barrier for
    __syncthreads, a block at a time, so ``__shared__`` is a static array), and the real Python
-   launchers in kernels/cuda/*.py drive it through a stand-in ``cupy`` module. Every stage is
-   checked against the float64 oracle: grids, index math, bounds checks and tile loops are
-   exercised for real; only warp timing and memory-model subtleties are not (skipped without
-   g++).
+   launchers in kernels/cuda/*.py drive it through a stand-in ``cupy`` module. Every stage,
+   and every candidate tile of the warptiled stage, is checked against the float64 oracle:
+   grids, index math, bounds checks and tile loops are exercised for real; only warp timing
+   and memory-model subtleties are not (skipped without g++).
 4. On a machine with CuPy and a GPU, every registered cupy stage is checked against the
-   oracle through the public API: CuPy in -> CuPy out on the same device, NumPy in -> NumPy out.
+   oracle through the public API: CuPy in -> CuPy out on the same device, NumPy in -> NumPy out;
+   every warptile candidate runs through its launcher (what benchmarks/gpu_bench.py sweeps).
 """
 from __future__ import annotations
 
@@ -705,7 +706,9 @@ def test_gpu_bench_report_writer(tmp_path):
         dict(size=64, stage="warptiled", config="a", tile="t", ms=2.0, gflops=1.0,
              pct_of_cublas=50.0, rel_err=1e-7, regs=200, blocks_per_sm=2),
         dict(size=64, stage="warptiled", config="b", tile="t", skipped="time budget spent"),
-        dict(size=64, stage="warptiled", config="c", tile="t", failed="CUDADriverError: x")]
+        dict(size=64, stage="warptiled", config="c", tile="t", failed="CUDADriverError: x"),
+        dict(size=64, stage="warptiled", config="d", tile="t", ms=4.0, gflops=0.5,
+             pct_of_cublas=25.0, rel_err=1e-7, regs=255, spill_bytes=8)]
     report["best_matmul"] = bench.best_matmul(report["matmul"], report["warptile_sweep"])
     bench.write_markdown(report, tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
@@ -713,6 +716,7 @@ def test_gpu_bench_report_writer(tmp_path):
     assert "| a | t | 2.000 | 1 | 50.0 | 1.0e-07 | 200 | 2 |" in text
     assert "| b | t | skipped: time budget spent" in text
     assert "| c | t | failed: CUDADriverError: x |" in text
+    assert "| 255 (8 B spilled) | — |" in text
     assert "best matmul at n = 64: warptiled[a], 2.000 ms" in text and "80%: not met" in text
 
 

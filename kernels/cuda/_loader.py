@@ -130,11 +130,13 @@ def check_warptile(tile: WarpTile) -> WarpTile:
 
 
 # Candidate tiles for the warptiled stage, to be timed against each other on the target GPU by
-# the sweep in benchmarks/gpu_bench.py (at 4096^3, beside cuBLAS): they were chosen from what
-# is published for this kernel on Ampere-class GPUs, NOT measured here (no GPU where this was
-# written; the register counts are ptxas's, nvcc 13.0 -arch=sm_90). Every candidate is
-# compile-checked by CI (BUILD_VARIANTS) and run on the CPU emulation by tests/test_cuda.py.
-# On an SM (65536 registers) the register count decides how many blocks fit, hence the notes.
+# the sweep in benchmarks/gpu_bench.py (at 4096^3, beside cuBLAS). They were chosen from what
+# is published for this kernel on Ampere-class GPUs and all lie in siboehm's kernel-10
+# autotuning space (scripts/kernel_10_autotuner.sh: BK 8..64, BM, BN 64..256, 128 or 256
+# threads); none was measured here (no GPU where this was written). Register counts are
+# ptxas's (nvcc 13.0, -arch=sm_90); the blocks per SM follow from them and the 65536 registers
+# of an SM (the sweep reports the real figure). Every candidate is compile-checked by CI
+# (BUILD_VARIANTS) and run on the CPU emulation by tests/test_cuda.py.
 WARPTILES = {
     # siboehm/SGEMM_CUDA kernel 10's A6000 setting: the stage's default until a sweep on the
     # GPU picks another. 223 registers: 2 blocks of 4 warps per SM; 128 results per thread.
@@ -143,8 +145,9 @@ WARPTILES = {
     # thread. 167 registers: 3 blocks per SM, more warps to hide latency with.
     "siboehm-a100": WarpTile(bm=64, bn=128, bk=16, wm=32, wn=64, wniter=1, tm=4, tn=4, nt=128),
     # Kernel 11's A6000 setting (there with double-buffered loads, here without): a 128 x 256
-    # block of 8 warps, each 128 x 32 in 8 x 8 fragments. Twice the block tile, so half the
-    # global loads per FMA; 182 registers: 1 block (8 warps) per SM.
+    # block of 8 warps, each 128 x 32 in 8 x 8 fragments. Twice the block tile, so 3/4 of the
+    # default's global loads per FMA ((128 + 256) / (128 * 256)); 182 registers: 1 block
+    # (8 warps) per SM.
     "siboehm-k11": WarpTile(bm=128, bn=256, bk=16, wm=128, wn=32, wniter=1, tm=8, tn=8, nt=256),
     # The default's warp tile (64 x 64, 8 x 4 fragments) in a 128 x 256 block of 8 warps: the
     # larger block without changing the warp-level code path. 219 registers: 1 block per SM.
