@@ -91,6 +91,7 @@ cdef extern from "microkernel.h" nogil:
                              const double *B0, const int *boff, int ncols, double *C, long ldc,
                              const fo_seg *seg, int nseg, int mr, int first, const double *bias,
                              int relu)
+    void fo_prefetch_rows(const char *base, const int *boff, long kc, long elem, long bytes)
     void fo_copy_runs_f(float *dst, const float *row, const long *runs, long q0, long q1)
     void fo_copy_runs_d(double *dst, const double *row, const long *runs, long q0, long q1)
     int fo_copy_run_f(float *dst, const float *row, long iw0, int sw, long W, long run,
@@ -404,6 +405,9 @@ cdef void gemm_task_direct(const real *a, Py_ssize_t lda, Py_ssize_t M, Py_ssize
                 while j0 < n1:
                     ncols = min(NR, n1 - j0)
                     nseg = tile_segments(src, j0, ncols, seg)
+                    if j0 + NR < n1:  # the next tile's rows, into L2 (fo_prefetch_rows)
+                        fo_prefetch_rows(<const char *> (bi + j0 + NR), src.boff + pc, kc,
+                                         sizeof(real), min(NR, n1 - j0 - NR) * sizeof(real))
                     ir = ic
                     while ir < iend:
                         if real is float:
