@@ -27,18 +27,20 @@ def conv2d_bias_relu_fused(x, w, bias, out, p):
     (kernel called directly, out allocated once, interleaved round-robin with PyTorch 2.13
     eager relu_(conv2d(x, w, b)) on oneDNN, float32, 2 threads, medians; AMD EPYC Zen 4 VM
     shared with other jobs): time ratio torch / ours per run, and our GF/s in the last run.
-    Runs 5-7 (benchmarks/results/cpu-fused-resnet50-run5..7) are after the ocvec variant of
-    the tiled conv (3x3 layers; run 5 before its in-place read and the guided padding pass):
-                                batch 1                    batch 8
-                                runs 5-7        ours       runs 5-7        ours
-      res2 3x3 C64 56x56        1.02 1.17 1.08  220        1.02 1.05 1.05  216
-      res3 3x3 C128 28x28       1.00 1.18 1.10  226        1.04 1.05 1.05  228
-      res4 3x3 C256 14x14       1.07 1.19 1.12  237        1.02 1.04 1.06  232
-      res5 3x3 C512 7x7         1.42 1.43 1.35  235        1.06 1.11 1.12  261
-      1x1 C256 -> K64 56x56     1.26 1.25 1.24  212        1.16 1.08 1.56  131
-      stem 7x7/2 C3 224x224     1.00 1.03 1.01  191        0.86 2.23 1.06  175
-      depthwise 3x3 C128 56x56  1.65 1.58 1.55   58        2.03 2.29 2.42   43
-      median of the set         1.07 1.19 1.12             1.04 1.08 1.06
+    Runs 5-8 (benchmarks/results/cpu-fused-resnet50-run5..8) are after the ocvec variant of
+    the tiled conv (3x3 layers; run 5 before its in-place read and the guided padding pass,
+    run 8 with the B-row prefetch of the GEMM path):
+                                batch 1                         batch 8
+                                runs 5-8             ours       runs 5-8             ours
+      res2 3x3 C64 56x56        1.02 1.17 1.08 1.10  220        1.02 1.05 1.05 1.08  216
+      res3 3x3 C128 28x28       1.00 1.18 1.10 1.07  226        1.04 1.05 1.05 1.06  228
+      res4 3x3 C256 14x14       1.07 1.19 1.12 1.27  237        1.02 1.04 1.06 1.07  232
+      res5 3x3 C512 7x7         1.42 1.43 1.35 1.75  235        1.06 1.11 1.12 1.19  261
+      1x1 C256 -> K64 56x56     1.26 1.25 1.24 1.23  212        1.16 1.08 1.56 1.29  131
+      stem 7x7/2 C3 224x224     1.00 1.03 1.01 0.94  191        0.86 2.23 1.06 2.27  175
+      depthwise 3x3 C128 56x56  1.65 1.58 1.55 1.49   58        2.03 2.29 2.42 1.89   43
+      median of the set         1.07 1.19 1.12 1.23             1.04 1.08 1.06 1.19
+    ("ours": GF/s in run 7; run 8 ran on a busier host, 150-246 GF/s, PyTorch slowed alike.)
     (GF/s count every tap; ocvec skips the ones on zero padding, so res4 / res5 pass the
     230 GF/s FMA peak. PyTorch's own time varies between processes: its stem at batch 8 ran
     at 68-175 GF/s in this session's runs.) Runs 1-4, before ocvec (implicit GEMM for every
