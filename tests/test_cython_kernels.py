@@ -120,6 +120,29 @@ def test_empty_batch_and_k_zero_through_api():
         assert fastops.conv2d(x, w, backend="cython").shape == (0, 4, 6, 6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch_direct_kernel_calls(dtype):
+    """The API skips empty outputs, but fastops.nn calls kernels directly: an empty batch must
+    return, not divide by a zero task count (the ocvec path once died of SIGFPE here). Every
+    conv engine: ocvec (32 -> 32 channels, 3x3), implicit GEMM (8 channels; 1x1), strided
+    phases (the stem), depthwise."""
+    fused = registry.lookup("conv2d_bias_relu", "cython", "fused").kernel
+    cases = [  # x shape, w shape, stride, padding, groups
+        ((0, 32, 14, 14), (32, 32, 3, 3), 1, 1, 1),
+        ((0, 8, 14, 14), (8, 8, 3, 3), 1, 1, 1),
+        ((0, 16, 9, 9), (16, 16, 1, 1), 1, 0, 1),
+        ((0, 3, 20, 20), (8, 3, 7, 7), 2, 3, 1),
+        ((0, 8, 9, 9), (8, 1, 3, 3), 1, 1, 8),
+    ]
+    for xs, ws, stride, padding, groups in cases:
+        x, w = np.ones(xs, dtype), np.ones(ws, dtype)
+        bias = np.ones(ws[0], dtype)
+        plan = check_conv2d(x, w, bias, stride, padding, 1, groups)
+        for impl in registry.ladder("conv2d", "cython"):
+            impl.kernel(plan.x, plan.w, np.empty(plan.out_shape, dtype), plan.params)
+        fused(plan.x, plan.w, plan.bias, np.empty(plan.out_shape, dtype), plan.params)
+
+
 def misaligned(shape, dtype, rng):
     """A C-contiguous array whose data starts at an odd byte offset (not even 4-aligned)."""
     n = int(np.prod(shape))

@@ -587,6 +587,8 @@ cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :
     """Conv by fo_ocvec_tile (ocvec.h): output channels in the vector lanes, every 28-pixel
     tile accumulated over the whole reduction in registers, padding taps skipped. wr_all:
     None, or the weights already reordered for every block (ocvec_prepack)."""
+    if g.N * g.Ho * g.Wo == 0:  # an empty batch: nothing to compute (and no tiles to split)
+        return
     cdef WideGrid q = wide_grid(&g, pad_bottom, pad_right)  # stride 1: one plane (Hq, Wq)
     cdef Py_ssize_t L = 64 // sizeof(real)  # output channels per tile
     cdef int segw = ocvec_segment_width(g.Wo)
