@@ -983,7 +983,12 @@ def conv2d_tiled(x, w, out, p):
     weight reorder moved into the tasks, res5 b1 155 -> 222 (it had been a separate pass
     of 0.7 ms on one thread for res5's 9.4 MB of weights).
     Where the GEMM stays: few channels (8 in: 106 vs 131 GF/s; 24 out: 112 vs 157), rows
-    whose segments would stick out (20 columns: 152 vs 164), strided and 1x1 convs.
+    whose segments would stick out (20 columns: 152 vs 164), strided and 1x1 convs. A
+    stride-2 ocvec kernel for the stem (7x7/2, C3: even / odd column phase planes, passes of
+    4 and 3 taps, 3 segments of 8 pixels, no spills) was built, tested and dropped: 160 vs
+    173 GF/s at batch 1, even at batch 8 (2 threads; one thread 93 vs 95): with 3 input
+    channels a tile's reduction is only 21 (channel, row) steps, so its write-back and the
+    per-task set-up weigh more than the GEMM's.
     Tried and dropped: B read straight from the unpadded image through per-tap AVX-512 lane
     masks (no padded copy, no padded-grid columns): masked loads cost ~4 % with a constant
     mask and ~12 % with per-row masks from a table (micro-kernel on hot data, 116 -> 103
