@@ -51,6 +51,9 @@ def borrow(count: int, dtype):
     """A 1-D array of `count` elements of `dtype`, 64-byte aligned, uninitialised, owned by
     the caller until the with-block ends."""
     dtype = np.dtype(dtype)
+    if count == 0:  # nothing to lend (e.g. a kernel that reads its input in place): leave
+        yield np.empty(0, dtype=dtype)  # the pool's buffers to callers that need them
+        return
     buf = _take(count * dtype.itemsize + ALIGN)
     try:
         start = (-buf.ctypes.data) % ALIGN

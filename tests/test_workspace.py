@@ -55,3 +55,15 @@ def test_concurrent_borrowers_never_share():
         t.join()
     assert not errors and len(set(seen)) == 4
     workspace.clear()
+
+
+def test_borrowing_nothing_leaves_the_pool_alone():
+    workspace.clear()
+    with workspace.borrow(1000, np.float32):
+        pass
+    idle = list(workspace._free)
+    with workspace.borrow(0, np.float64) as empty:
+        assert empty.shape == (0,) and empty.dtype == np.float64
+        assert workspace._free == idle  # the idle buffer stays available to others
+    assert workspace._free == idle
+    workspace.clear()

@@ -657,6 +657,18 @@ cdef ocvec_run(const real[:, :, :, ::1] x, const real[:, :, :, ::1] w, real[:, :
                     red, blocks, L, plane, Wrow, slack, units, tiles, run, runs, threads)
 
 
+cdef inline void ocvec_pack_block(const real *pw, Py_ssize_t grp, Py_ssize_t kb,
+                                  Py_ssize_t Kg, Py_ssize_t red, Py_ssize_t L,
+                                  real *dst) noexcept nogil:
+    """dst (red, L) = block kb (L output channels) of group grp of the weights pw (K, red),
+    reordered for the ocvec kernel (fo_ocvec_pack_*): the one reorder both the per-call tasks
+    and ocvec_prepack use."""
+    if real is float:
+        fo_ocvec_pack_f(pw + grp * Kg * red, red, kb * L, Kg, L, dst)
+    else:
+        fo_ocvec_pack_d(pw + grp * Kg * red, red, kb * L, Kg, L, dst)
+
+
 cdef ocvec_pack_all(const real[:, :, :, ::1] w, real[::1] wr, Py_ssize_t groups,
                     Py_ssize_t L):
     """wr = every (group, block of L output channels) of w reordered as the tasks of
@@ -667,12 +679,7 @@ cdef ocvec_pack_all(const real[:, :, :, ::1] w, real[::1] wr, Py_ssize_t groups,
     cdef real *pr = &wr[0]
     with nogil:
         for t in prange(groups * blocks, schedule="guided"):
-            if real is float:
-                fo_ocvec_pack_f(pw + (t // blocks) * Kg * red, red, (t % blocks) * L, Kg, L,
-                                pr + t * red * L)
-            else:
-                fo_ocvec_pack_d(pw + (t // blocks) * Kg * red, red, (t % blocks) * L, Kg, L,
-                                pr + t * red * L)
+            ocvec_pack_block(pw, t // blocks, t % blocks, Kg, red, L, pr + t * red * L)
 
 
 class PackedConvWeights:
@@ -740,10 +747,7 @@ cdef void ocvec_loops(const real *px, const real *pw, real *po, const real *pbia
                 wt = wr_all + (grp * blocks + kb) * red * L
             else:
                 wbuf = wr + openmp.omp_get_thread_num() * round_up(red * L, 16)
-                if real is float:
-                    fo_ocvec_pack_f(pw + grp * g.Kg * red, red, kb * L, g.Kg, L, wbuf)
-                else:
-                    fo_ocvec_pack_d(pw + grp * g.Kg * red, red, kb * L, g.Kg, L, wbuf)
+                ocvec_pack_block(pw, grp, kb, g.Kg, red, L, wbuf)
                 wt = wbuf
             for tile in range((t % runs) * run, min((t % runs) * run + run, tiles)):
                 if real is float:
