@@ -22,7 +22,18 @@
 #             KC = 128 measured no better (1 thread: 128x1152x784 matmul 97 vs 100 GF/s,
 #             res3 conv 87 vs 92), so 256 stays.
 #   MC = 256: the A block is 256 x 256 x 4 B = 256 KiB and the B block of a task at most
-#             KC x NC_MAX = 256 x 1024 x 4 B = 1 MiB: together well inside the 2 MiB L2.
+#             KC x NC_MAX = 256 x 1024 x 4 B = 1 MiB: together well inside the 2 MiB L2
+#             of the Intel machine; on the Zen 4 VM (1 MiB L2) they do not fit together.
+# Measured on the Zen 4 VM whether that costs anything: fo_ukernel_f_simd driven by exactly
+# this loop nest (jr over B slivers, ir over A slivers) from a standalone C harness, packed
+# operands, 1 thread: 109-112 GF/s with KC = 256, MC = 256, a 1024-column B block, i.e.
+# 94-96 % of the 116.7 GF/s FMA peak; a 512-column B block, MC = 128 or KC = 128 all within
+# +-2 % of that, and the kernel on one L1-resident B sliver 112-116. The streams are slow
+# enough for the hardware prefetchers (B: 128 B per 16 FMA cycles), so the blocks stay. In
+# the 2-thread 1024^3 call (interleaved, n_block forced through matmul._grid) 256-, 512-
+# and 1024-column task blocks measured within noise too. The whole call reaches 83-99 GF/s
+# on one thread (OpenBLAS 92-102 beside it): what the kernel loses there is packing (perf:
+# pack_a ~5 % of the kernel's samples) and the edges, not the cache blocking.
 # matmul packs A once for the whole call (read N / NC times from the packed copy). conv2d
 # passes its weights unpacked (lda > 0): they are already row-major along the reduction, and
 # the micro-kernel broadcasts from MR row pointers in place. B is packed per task, so with
