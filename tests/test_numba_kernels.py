@@ -37,11 +37,13 @@ def _check_matmul(kernel, m, k, n, dtype, rng):
                  f"{kernel.__name__} {m}x{k}x{n}")
 
 
-# sizes straddling every tile boundary of the tiled stage: MR, NR, KC, MC, NC, and primes
-MR, NR, KC, MC, NC = nmm.MR, nmm.NR, nmm.KC, nmm.MC, nmm.NC
+# sizes straddling every tile boundary of the tiled stage: MR, NR, KC, NC (float32; float64
+# blocks are NC / 2 wide), the row split of narrow outputs (N <= NR), and primes
+MR, NR, KC, NC = nmm.MR, nmm.NR, nmm.KC, nmm.NC
 TAIL_SHAPES = [(1, 1, 1), (MR - 1, 3, NR - 1), (MR, KC, NR), (MR + 1, KC + 1, NR + 1),
-               (2 * MR + 1, KC - 1, 2 * NR - 1), (MC + 1, 7, NC + 1), (MC - 1, 2 * KC + 3, 37),
-               (13, 17, 19), (97, 61, 131)]
+               (2 * MR + 1, KC - 1, 2 * NR - 1), (97, 7, NC + 1), (5 * MR - 1, 2 * KC + 3, 37),
+               (MR + 1, KC + 1, NC // 2 + 1), (MR + 1, 2 * KC + 1, 2 * NC + NR + 3),
+               (101, 13, NR - 3), (13, 17, 19), (97, 61, 131)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -207,17 +209,55 @@ def test_concurrent_calls_from_python_threads(rng):
 
 
 def test_tile_grid_even_blocks():
-    """The tiled matmul's tiles: MR/NR multiples covering the output, at least min_tiles of them
-    where the problem allows, and blocks evened out where MR allows: 196 rows as 66 + 66 + 64,
-    not 96 + 96 + 4 (which left one thread with most of the work on 196 x 768 x 3072)."""
+    """The tiled matmul's tiles: MR/NR multiples covering the output, the same number of
+    tiles for every thread where the column panels allow, rows split only when columns run
+    out (each row block re-packs its columns of B): 196 x 3072 on 2 threads is 6 tiles of
+    198 x 512, 3 per thread, and B is packed once."""
     from fastops.kernels.numba import matmul as nm
 
-    for m, n in [(196, 3072), (1024, 1024), (256, 256), (64, 512), (7, 5), (1000, 37)]:
-        mc, nc = nm.tile_grid(m, n, nm.MC, nm.NC, 8)
-        assert mc % nm.MR == 0 and nc % nm.NR == 0 and mc <= max(nm.MC, nm.MR)
-        rows = [min(mc, m - r) for r in range(0, m, mc)]
-        cols = [min(nc, n - c) for c in range(0, n, nc)]
-        assert sum(rows) == m and sum(cols) == n
-        if m >= 8 * nm.MR:
-            assert len(rows) * len(cols) >= 8
-    assert nm.tile_grid(196, 3072, nm.MC, nm.NC, 8) == (66, 512)
+    for m, n in [(196, 3072), (1024, 1024), (256, 256), (64, 512), (7, 5), (1000, 37),
+                 (6, 1), (300, 1536), (13, 2 * nm.NC + 1)]:
+        for threads in (1, 2, 3, 4):
+            mc, nc = nm.tile_grid(m, n, nm.NC, threads)
+            assert mc % nm.MR == 0 and nc % nm.NR == 0 and nc <= nm.NC
+            rows = [min(mc, m - r) for r in range(0, m, mc)]
+            cols = [min(nc, n - c) for c in range(0, n, nc)]
+            assert sum(rows) == m and sum(cols) == n and min(rows + cols) > 0
+            if len(cols) >= threads:
+                assert len(rows) == 1 and len(cols) % threads == 0
+            else:
+                assert len(rows) * len(cols) >= min(threads, -(-m // nm.MR))
+    assert nm.tile_grid(196, 3072, nm.NC, 2) == (198, 512)
+    assert nm.tile_grid(1024, 1024, nm.NC, 2) == (1026, 512)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_b_block(dtype, rng):
+    """_pack_b copies b[k0:k0+kc, col0:col0+cols] into NR-wide panels, zeros past the last
+    column, and leaves the rest of a larger buffer alone."""
+    b = rng.standard_normal((40, 100)).astype(dtype)  # (K, N)
+    for k0, kc, col0, cols in [(0, 40, 0, 100), (3, 17, 5, 2 * NR + 7), (39, 1, 99, 1),
+                               (8, 9, 36, NR)]:
+        panels = -(-cols // NR)
+        bpk = np.full((panels + 1, kc + 2, NR), 7.0, dtype=dtype)
+        nmm._pack_b(b, k0, kc, col0, cols, bpk)
+        want = np.zeros((kc, panels * NR), dtype=dtype)
+        want[:, :cols] = b[k0:k0 + kc, col0:col0 + cols]
+        got = bpk[:panels, :kc].transpose(1, 0, 2).reshape(kc, panels * NR)
+        assert np.array_equal(got, want), (k0, kc, col0, cols)
+        assert (bpk[panels] == 7.0).all() and (bpk[:, kc:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_tiled_any_thread_count(threads, dtype, rng):
+    """The tile split for thread counts other than this machine's: every tile computed once,
+    by an iteration with its own packing buffer (odd counts leave uneven or empty shares)."""
+    for m, k, n in [(MR, 1, 1), (37, 2 * KC + 5, 3 * NR + 1), (101, KC + 3, NC + 2 * NR + 5),
+                    (2 * MR + 1, 7, NR - 3)]:
+        a = rng.standard_normal((m, k)).astype(dtype)  # (M, K)
+        b = rng.standard_normal((k, n)).astype(dtype)  # (K, N)
+        out = np.full((m, n), np.nan, dtype=dtype)
+        nmm._matmul_tiled(a, b, out, threads)
+        assert_close(out, oracle.matmul(a, b), oracle.matmul(abs(a), abs(b)), k, dtype,
+                     f"_matmul_tiled threads={threads} {m}x{k}x{n}")

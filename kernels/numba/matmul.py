@@ -35,14 +35,15 @@ from ._common import FASTMATH, jit, serialised, stack_vector
 # 6x32 keeps float64 (24 accumulators) spill-free too.
 MR = 6
 NR = 32
-# Cache blocks. A packed B panel is KC x NR; the MR-row A panel (KC x MR x 4 B = 6 KiB) stays in
-# L1 (48 KiB) while the micro-kernel sweeps every B panel of the block; the KC x NC block of B
-# (256 x 512 x 4 B = 512 KiB float32, 1 MiB float64) stays in L2 (2 MiB) while every A panel of
-# the MC rows passes by. The MC x KC block of A (96 x 256 x 4 B = 96 KiB) is copied once per
-# K block.
+# Cache blocks, sized for this machine (AMD EPYC Zen 4: L1d 32 KiB and L2 1 MiB per core, L3
+# 32 MiB shared). The MR-row A sliver (KC x MR x 4 B = 6 KiB) stays in L1 while the micro-kernel
+# sweeps every B panel of the block (KC x NR x 4 B = 32 KiB each, streamed from L2: two zmm
+# loads per 12 FMAs); the packed KC x NC block of B (256 x 512 x 4 B = 512 KiB; float64 uses
+# NC / 2 columns, same bytes) fills half of L2, the rest is for the A rows and the out tile
+# passing through. A is read in place (no MC block): with B packed per block, each A sliver
+# is used for all the block's panels while it is in L1 and not again until the next block.
 KC = 256
 NC = 512
-MC = 96
 
 
 # ---------------------------------------------------------------------------------- stage 1
@@ -149,20 +150,29 @@ def padded_rows(a, row0, rows):
 
 
 @jit()
-def _pack_b(b, row0, rows, col0, cols, bpk):
-    """Copy b[row0:row0+rows, col0:col0+cols] into NR-wide panels, zero-padding the last.
+def _pack_b(b, k0, kc, col0, cols, bpk):
+    """Copy the block b[k0:k0+kc, col0:col0+cols] into NR-wide panels, zero-padding the last.
 
-    b: (K, N); bpk: (ceil(cols/NR), >= rows, NR), bpk[panel, p, j] = b[row0 + p, col0 +
+    b: (K, N); bpk: (>= ceil(cols/NR), >= kc, NR), bpk[panel, p, j] = b[k0 + p, col0 +
     panel*NR + j]: the NR values the micro-kernel needs at step p are contiguous.
+    The copy walks b row by row, so every read is a contiguous run of ``cols`` values and the
+    hardware prefetcher streams it; walking panel by panel instead (NR values, then a jump of
+    N to the next row) ran 3-4x slower (196 x 768 x 3072 float32, all of B on 2 threads:
+    3.3 ms vs 0.9 ms).
     """
-    for panel in range((cols + NR - 1) // NR):
-        c0 = col0 + panel * NR
-        width = min(NR, col0 + cols - c0)
-        for p in range(rows):
-            for j in range(width):
-                bpk[panel, p, j] = b[row0 + p, c0 + j]
-            for j in range(width, NR):
-                bpk[panel, p, j] = 0.0
+    full = cols // NR  # panels without padding
+    for p in range(kc):
+        row = k0 + p
+        for panel in range(full):
+            c0 = col0 + panel * NR
+            for j in range(NR):
+                bpk[panel, p, j] = b[row, c0 + j]
+        if full * NR < cols:  # the last, partial panel: zeros past column col0 + cols
+            c0 = col0 + full * NR
+            for j in range(cols - full * NR):
+                bpk[full, p, j] = b[row, c0 + j]
+            for j in range(cols - full * NR, NR):
+                bpk[full, p, j] = 0.0
 
 
 @jit(fastmath=FASTMATH)
@@ -251,61 +261,56 @@ def micro_kernel(amat, a_row0, a_k0, bpanel, b_k0, kc, out, row0, col0, rows, co
 
 
 @jit()
-def tile_grid(m, n, mc, nc, min_tiles):
-    """(mc, nc) for an m x n output, shrunk (keeping MR/NR multiples) until there are at least
-    ``min_tiles`` tiles, so small problems still give every thread work; then evened out: for
-    the same number of blocks, mc (nc) becomes the even share rounded up to MR (NR).
+def tile_grid(m, n, nc_max, threads):
+    """(mc, nc): the output is cut into mc x nc tiles, a whole number of tiles per thread.
 
-    ``prange`` hands each thread one contiguous share of the tiles, so a runt block costs a
-    whole share: the ViT MLP shape 196 x 768 x 3072 cut into MC = 96 rows gave blocks of 96,
-    96 and 4 rows, thread 0 nine full tiles and thread 1 three full and six 4-row ones
-    (0.57x NumPy); even blocks are 66, 66, 64."""
-    while ((m + mc - 1) // mc) * ((n + nc - 1) // nc) < min_tiles and nc > NR:
-        nc = max(NR, (nc // 2) // NR * NR)
-    while ((m + mc - 1) // mc) * ((n + nc - 1) // nc) < min_tiles and mc > MR:
-        mc = max(MR, (mc // 2) // MR * MR)
-    blocks = (m + mc - 1) // mc
-    mc = ((m + blocks - 1) // blocks + MR - 1) // MR * MR
-    blocks = (n + nc - 1) // nc
-    nc = ((n + blocks - 1) // blocks + NR - 1) // NR * NR
+    Every row block of ``out`` packs its own copy of the columns of B it needs, so rows are
+    split only when there are too few column panels to go round; columns are split into
+    blocks of at most ``nc_max`` (the L2 budget), their count rounded up to a multiple of
+    ``threads`` so each thread gets the same number of equal tiles, then evened out (nc: the
+    even share rounded up to NR). The ViT MLP shape 196 x 768 x 3072 on 2 threads: 6 tiles
+    of 198 x 512, 3 per thread, and B is packed exactly once.
+    """
+    panels = (n + NR - 1) // NR
+    col_blocks = (n + nc_max - 1) // nc_max
+    col_blocks = min(panels, (col_blocks + threads - 1) // threads * threads)
+    row_blocks = min((m + MR - 1) // MR, (threads + col_blocks - 1) // col_blocks)
+    mc = ((m + row_blocks - 1) // row_blocks + MR - 1) // MR * MR
+    nc = ((n + col_blocks - 1) // col_blocks + NR - 1) // NR * NR
     return mc, nc
-
-
-@jit(parallel=True)
-def _pack_b_all(b, bpk):
-    """Pack all of b (K, N) into bpk (ceil(N/NR), K, NR), panels shared out over threads."""
-    k, n = b.shape
-    for panel in prange(bpk.shape[0]):
-        _pack_b(b, 0, k, panel * NR, min(NR, n - panel * NR), bpk[panel:panel + 1])
 
 
 @jit(fastmath=FASTMATH, parallel=True)
 def _matmul_tiled(a, b, out, threads):
     m, k = a.shape
     n = b.shape[1]
-    # B is packed once, by all threads, into NR-wide panels: (ceil(N/NR), K, NR). Packing it
-    # per tile instead cost as much as the FMAs (MC=96: one copy per 192 FLOPs, measured 40
-    # GFLOP/s instead of 100+). A tile's KC x NC block is then nc/NR chunks of KC x NR each.
-    bpk = np.empty(((n + NR - 1) // NR, k, NR), dtype=b.dtype)
-    _pack_b_all(b, bpk)
-    mc, nc = tile_grid(m, n, MC, NC, 4 * threads)
+    # NC counts float32 columns; float64 takes half as many, so a block is 512 KiB either way.
+    mc, nc = tile_grid(m, n, NC * 4 // b.itemsize, threads)
     tiles_m = (m + mc - 1) // mc
     tiles_n = (n + nc - 1) // nc
+    tiles = tiles_m * tiles_n
     no_bias = np.empty(0, dtype=out.dtype)
     a_edge = padded_rows(a, m - m % MR, m % MR)  # (MR, K): the last, short row block
-    for tile in prange(tiles_m * tiles_n):  # each thread owns whole mc x nc tiles of out
-        row0 = (tile // tiles_n) * mc
-        col0 = (tile % tiles_n) * nc
-        rows = min(mc, m - row0)
-        cols = min(nc, n - col0)
-        for k0 in range(0, k, KC):
-            kc = min(KC, k - k0)
-            for r in range(row0, row0 + rows, MR):  # MR rows of A (kc x MR, 6 KiB) in L1 ...
-                amat, a_row0 = (a, r) if r + MR <= m else (a_edge, 0)
-                for c in range(col0, col0 + cols, NR):  # ... while B panels stream from L2
-                    micro_kernel(amat, a_row0, k0, bpk[c // NR], k0, kc, out, r, c,
-                                 min(MR, m - r), min(NR, n - c), k0 > 0, no_bias,
-                                 k0 + kc >= k, False)
+    for t in prange(threads):  # one iteration per thread, each with its own packing buffer
+        # (nc/NR, KC, NR): one packed KC x nc block of B, this thread's, in L2
+        bpk = np.empty(((nc + NR - 1) // NR, KC, NR), dtype=b.dtype)
+        for tile in range(tiles * t // threads, tiles * (t + 1) // threads):
+            row0 = (tile // tiles_n) * mc
+            col0 = (tile % tiles_n) * nc
+            rows = min(mc, m - row0)
+            cols = min(nc, n - col0)
+            for k0 in range(0, k, KC):
+                kc = min(KC, k - k0)
+                # Packed by the thread that uses it, right before use: the block goes
+                # straight into this core's L2, and one thread's packing overlaps the other's
+                # FMAs instead of a serial pass over all of B before any FMA.
+                _pack_b(b, k0, kc, col0, cols, bpk)
+                for r in range(row0, row0 + rows, MR):  # MR rows of A (kc x MR, 6 KiB) in L1 ...
+                    amat, a_row0 = (a, r) if r + MR <= m else (a_edge, 0)
+                    for c in range(col0, col0 + cols, NR):  # ... while B panels stream from L2
+                        micro_kernel(amat, a_row0, k0, bpk[(c - col0) // NR], 0, kc, out, r, c,
+                                     min(MR, m - r), min(NR, n - c), k0 > 0, no_bias,
+                                     k0 + kc >= k, False)
 
 
 # Columns of out per task of the skinny path: a 512-float32 (2 KiB) strip of each of the < MR
@@ -345,23 +350,28 @@ def matmul_tiled(a, b, out):
     """Stage 4 · tiled.
 
     Changed since `parallel`: the GEMM is blocked for every level of the memory hierarchy
-    (Goto/BLIS). ``out`` is cut into MC x NC tiles shared out with ``prange``; for each KC slice
-    of the reduction a tile packs its KC x NC block of ``b`` into NR-wide contiguous panels
-    (512 KiB float32: L2) and its MC x KC block of ``a`` into MR-tall panels; the micro-kernel
-    then holds an MR x NR = 6 x 32 block of ``out`` in registers for the whole KC-long reduction,
-    doing 192 FMAs per 38 loads.
+    (Goto/BLIS). ``out`` is cut into mc x nc tiles, the same number for every thread
+    (:func:`tile_grid`); for each KC slice of the reduction the thread that owns a tile packs
+    its KC x nc block of ``b`` into NR-wide contiguous panels (512 KiB: L2), then the
+    micro-kernel holds an MR x NR = 6 x 32 block of ``out`` in registers for the whole
+    KC-long reduction, doing 192 FMAs per 38 loads, with A's MR rows read in place (L1).
     Bottleneck removed: memory traffic. ``out`` is written once per KC slice instead of once per
     k; each B value loaded from L2 feeds MR=6 FMAs, each A value NR=32.
     Fewer than MR rows (a batch-1 linear layer) take a skinny path instead, :func:`_matmul_skinny`:
     column strips over the threads, b streamed once, no packing.
-    Still missing: A/B packing is repeated per tile (about 1/(2*MC) extra traffic per FLOP);
-    zmm register pressure caps MR x NR; edge tiles compute on zero padding.
-    Tile sizes: MR x NR = 6 x 32 (12 zmm accumulators float32, 24 float64, of 32 registers);
-    KC = 256 so an A panel (256 x 6 x 4 B = 6 KiB) stays in L1 (48 KiB) beside a streaming
-    B panel; NC = 512 so the packed B block (256 x 512 x 4 B = 512 KiB) fits a quarter of L2
-    (2 MiB); MC = 96 (multiple of MR) gives 22 tiles at N=1024 for 2 threads.
-    Measured (N=1024 float32, min of 5 on a quiet machine): 142-146 GFLOP/s on 2 threads,
-    75 on 1; numpy.matmul (OpenBLAS) gave 165-195 in runs beside it, so about 0.75-0.9x.
+    Why per-block packing by the owner: this stage used to pack all of ``b`` up front, every
+    thread together, panel by panel, before any FMA. On the ViT MLP shape 196 x 768 x 3072
+    (B = 9.4 MB) that pack alone took 3.6 ms of a 9.9 ms product (interleaved medians, 2
+    threads, load ~4): the panel-by-panel walk reads 128 bytes per row of b and jumps N
+    floats to the next, so the prefetchers never get going. Packing row by row, one KC x nc
+    block at a time by the thread that then uses it, copies the same 9.4 MB in 1.2 ms, into
+    the L2 that will read it; the FMAs alone take 5.2 ms (177 GFLOP/s).
+    Still missing: the copy of the next block is not overlapped with this block's FMAs (no
+    prefetch); zmm register pressure caps MR x NR; edge tiles compute on zero padding.
+    Tile sizes: see the constants at the top (MR x NR = 6 x 32, KC = 256, NC = 512).
+    Measured (2 threads, float32, interleaved medians of 15 in one process, load ~3.5,
+    /tmp probe): 196 x 768 x 3072 9.9 -> 6.8 ms (0.59 -> 0.87-0.96x NumPy), N=1024 0.85 ->
+    0.90x, N=256 1.20 -> 1.30x, float64 196 x 768 x 3072 0.69 -> 0.90x.
     """
     # a: (M, K)  b: (K, N)  out: (M, N)
     if a.shape[0] < MR:
