@@ -11,12 +11,15 @@ Four layers, so that most of the backend is checked on machines without a GPU:
    emulation of the CUDA execution model (one std::thread per CUDA thread, std::barrier for
    __syncthreads, a block at a time, so ``__shared__`` is a static array), and the real Python
    launchers in kernels/cuda/*.py drive it through a stand-in ``cupy`` module. Every stage,
-   and every candidate tile of the warptiled stage, is checked against the float64 oracle:
-   grids, index math, bounds checks and tile loops are exercised for real; only warp timing
-   and memory-model subtleties are not (skipped without g++).
+   every candidate tile of the warptiled stage and every tile of the pipelined conv stage
+   (forced, on shapes that exercise each carry of its im2col counters) is checked against the
+   float64 oracle: grids, index math, bounds checks and tile loops are exercised for real;
+   only warp timing and memory-model subtleties are not (skipped without g++). The stand-in
+   device reports an H200's 132 SMs, which the pipelined stage's tile choice reads.
 4. On a machine with CuPy and a GPU, every registered cupy stage is checked against the
    oracle through the public API: CuPy in -> CuPy out on the same device, NumPy in -> NumPy out;
-   every warptile candidate runs through its launcher (what benchmarks/gpu_bench.py sweeps).
+   every warptile candidate runs through its launcher (what benchmarks/gpu_bench.py sweeps),
+   and every tile of the pipelined conv stage through its launchers.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from fastops.testing import assert_close
 from fastops.validation import check_conv2d
 
 MATMUL_LADDER = ["naive", "coalesced", "smem", "blocktiled", "vectorized", "warptiled"]
-CONV_LADDER = ["naive", "implicit_gemm"]
+CONV_LADDER = ["naive", "implicit_gemm", "pipelined"]
 FUSED_LADDER = CONV_LADDER + ["fused"]
 CUDA_DIR = Path(_loader.__file__).parent
 KERNEL_MODULES = ("fastops.kernels.cuda.matmul", "fastops.kernels.cuda.conv2d",
@@ -70,6 +73,23 @@ CONV_CASES = [
     (1, 32, 8, 8, 64, 3, 3, 1, "same", 2, 2),           # dilation 2, groups 2
     (1, 4, 6, 5, 8, 2, 4, 1, "same", 1, 1),             # even kernel: asymmetric padding
     (2, 16, 7, 7, 32, 3, 3, 2, 1, 1, 4),                # K/groups = 8: narrow tile
+]
+# Shapes every tile of the pipelined stage is forced through: channel and pixel counts that
+# are non-multiples of every tile (32..128), and every way the im2col row counters carry:
+# taps 1 (a step of BK = 8 rows is 8 channels), 5 (1x5: one channel + 3 taps), 8 (= BK),
+# 9 (3x3: 2 rows + 2 columns), 49 (7x7: 1 row + 1 column). ho*wo = 48 takes the 128-bit
+# store path, 63 and 99 runs of pixels that cross images.
+PIPELINED_CASES = [
+    (1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
+    (3, 5, 8, 6, 131, 3, 3, 1, 1, 1, 1),                # K > 128 with a tail; ho*wo = 48
+    (2, 3, 7, 9, 5, 3, 3, 1, 1, 1, 1),                  # ho*wo = 63
+    (2, 4, 11, 13, 6, 3, 2, (2, 1), (1, 2), (1, 2), 2),  # stride, dilation, groups, taps 6
+    (1, 6, 10, 10, 6, 3, 3, 1, 1, 1, 6),                # depthwise forced onto a GEMM tile
+    (3, 19, 9, 11, 17, 1, 1, 1, 0, 1, 1),               # 1x1, 99 pixels per image
+    (1, 3, 23, 23, 8, 7, 7, 2, 3, 1, 1),                # 7x7 stride 2
+    (1, 4, 6, 5, 8, 2, 4, 1, "same", 1, 1),             # 8 taps; asymmetric padding
+    (2, 7, 5, 11, 67, 1, 5, 1, (0, 2), 1, 1),           # 1x5
+    (2, 64, 9, 9, 70, 3, 3, 1, 1, 1, 1),                # 72 slices of the reduction
 ]
 
 
@@ -298,6 +318,8 @@ static inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
 #define __restrict__ __restrict
 struct alignas(16) float4 { float x, y, z, w; };
 static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct alignas(16) double2 { double x, y; };
+static inline double2 make_double2(double x, double y) { return {x, y}; }
 template <class F> static void emulate(dim3 grid, dim3 block, F body) {
     gridDim = grid; blockDim = block;
     const unsigned nt = block.x * block.y * block.z;
@@ -322,6 +344,7 @@ template <class F> static void emulate(dim3 grid, dim3 block, F body) {
 
 class _EmuDevice:
     id = 0
+    attributes = {"MultiProcessorCount": 132}  # an H200's, the target of the tile choice
 
     def __enter__(self):
         return self
@@ -566,6 +589,107 @@ def test_emulated_conv(emulated, stage, dtype, rng):
                nan=True)
 
 
+def _pipelined_runner(emulated_module, fused, tile, misaligned=False):
+    """run(x, w, bias, kw) through the emulated pipelined / fused launcher with ``tile``
+    forced; ``misaligned`` puts ``out`` 1 element past a 16-byte boundary."""
+    mod = sys.modules[emulated_module]
+    launch = mod.run_fused if fused else mod.run_pipelined
+
+    def run(x, w, bias, kw):
+        plan = check_conv2d(x, w, bias, kw["stride"], kw["padding"], kw["dilation"],
+                            kw["groups"])
+        size = int(np.prod(plan.out_shape))
+        buf = emu(np.full(size + 1, np.nan, x.dtype))
+        out = buf[1:] if misaligned else buf[:size]
+        out = out.reshape(plan.out_shape)
+        assert (out.data.ptr % 16 != 0) == misaligned
+        arrays = (emu(x), emu(w)) + ((emu(bias),) if fused else ())
+        launch(*arrays, out, plan.params, tile)
+        return np.asarray(out).copy()
+    return run
+
+
+@pytest.mark.parametrize("tile", range(_loader.PIPELINED_SLOTS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_pipelined_every_tile(emulated, dtype, tile, rng):
+    """Each tile of the pipelined table, forced through the real launchers of stage pipelined
+    and stage fused on awkward shapes (both store paths, every counter carry, NaN)."""
+    t = _loader.PIPELINED_TILES[np.dtype(dtype).name][tile]
+    for fused, module, kernel in [
+            (False, "fastops.kernels.cuda.conv2d", f"conv2d_pipelined_{tile}"),
+            (True, "fastops.kernels.cuda.conv2d_bias_relu", f"conv2d_bias_relu_fused_{tile}")]:
+        run = _pipelined_runner(module, fused, tile)
+        what = f"emulated {kernel} {np.dtype(dtype).name} {t}"
+        for case in PIPELINED_CASES:
+            check_conv(run, case, dtype, rng, f"{what} {_case_id(case)}", fused=fused)
+            # The launch used this tile's kernel and a grid sized by this tile.
+            n, _c, _h, _w, k, *_rest, groups = case
+            name, grid, block = _EmuKernel.last_launch
+            assert name == kernel and block == (t.threads, 1, 1)
+            assert grid[1:] == (_loader.cdiv(k // groups, t.bm), groups)
+        check_conv(run, PIPELINED_CASES[1], dtype, rng, f"{what} NaN", fused=fused, nan=True)
+        # ho*wo % 4 == 0 but out not 16-byte aligned: the scalar store path.
+        check_conv(_pipelined_runner(module, fused, tile, misaligned=True), PIPELINED_CASES[1],
+                   dtype, rng, f"{what} misaligned out", fused=fused)
+
+
+def test_pipelined_tile_table():
+    """Every dtype has one tile per kernel slot, largest first, within a block's limits."""
+    for dtype, tiles in _loader.PIPELINED_TILES.items():
+        assert len(tiles) == _loader.PIPELINED_SLOTS, dtype
+        areas = [t.bm * t.bn for t in tiles]
+        assert areas == sorted(areas, reverse=True), dtype
+        real = np.dtype(dtype).itemsize
+        for t in tiles:
+            assert t.threads <= 1024 and t.threads % 32 == 0, t
+            assert 2 * t.bk * (t.bm + 16 // real + t.bn) * real <= _loader.MAX_STATIC_SMEM, t
+
+
+# ResNet-50's conv layers at batch 8 (gpu_bench.RESNET_LAYERS): (K/groups, groups, N*Ho*Wo)
+# -> the float32 tile the launcher must pick on 132 SMs (index into PIPELINED_TILES).
+RESNET50_B8_TILES = [
+    ((64, 1, 8 * 56 * 56), 2),    # res2 3x3 K64: 128-row tiles skipped (half padding); 196 blocks
+    ((128, 1, 8 * 28 * 28), 3),   # res3: 49 / 98 / 98 blocks for the larger tiles, 196 of 64x64
+    ((256, 1, 8 * 14 * 14), 3),   # res4: no tile reaches 132 blocks: the smallest (100)
+    ((512, 1, 8 * 7 * 7), 3),     # res5: 56 blocks of 64 x 64, under-filled (no split-K)
+    ((64, 1, 8 * 112 * 112), 2),  # stem 7x7/2
+    ((256, 1, 8 * 56 * 56), 0),   # 1x1 C64 -> K256 at 56x56: 196 x 2 blocks of 128 x 128
+]
+
+
+def test_choose_pipelined_tile(emulated):
+    choose = sys.modules["fastops.kernels.cuda.conv2d"].choose_pipelined_tile
+    for (kg, groups, pixels), want in RESNET50_B8_TILES:
+        assert choose(np.float32, kg, groups, pixels, 132) == want, (kg, pixels)
+    assert choose(np.float32, 512, 1, 392, 1) == 0       # one SM: the largest tile
+    assert choose(np.float32, 100, 1, 10**6, 132) == 2   # 128 rows > 100 channels: skipped
+    assert choose(np.float32, 16, 1, 10**6, 132) == 2    # shorter than every tile: 64 rows
+    assert choose(np.float64, 512, 1, 392, 132) == 3     # float64: its own table
+    assert choose(np.float64, 512, 1, 10**6, 132) == 0
+
+
+def test_emulated_pipelined_reads_the_sm_count(emulated, rng, monkeypatch):
+    """The registered stage picks its tile from the device's SM count (the stand-in's
+    attributes), and sends K/groups < 16 to the narrow tile."""
+    stage = emulated[("conv2d", "pipelined")].kernel
+    run = _emulated_conv(stage, fused=False)
+    case = (3, 5, 8, 6, 131, 3, 3, 1, 1, 1, 1)
+    check_conv(run, case, np.float32, rng, "pipelined, 132 SMs")
+    assert _EmuKernel.last_launch[0] == "conv2d_pipelined_3"  # 3 x 3 blocks even at 64 x 64
+    conv2d_module = sys.modules["fastops.kernels.cuda.conv2d"]
+    conv2d_module.sm_count.cache_clear()
+    monkeypatch.setattr(_EmuDevice, "attributes", {"MultiProcessorCount": 1})
+    check_conv(run, case, np.float32, rng, "pipelined, 1 SM")
+    assert _EmuKernel.last_launch[0] == "conv2d_pipelined_0"
+    check_conv(run, CONV_CASES[3], np.float32, rng, "pipelined, depthwise")
+    assert _EmuKernel.last_launch[0] == "conv2d_implicit_gemm_narrow"
+    fused = _emulated_conv(emulated[("conv2d_bias_relu", "fused")].kernel, fused=True)
+    check_conv(fused, case, np.float64, rng, "fused, 1 SM", fused=True)
+    assert _EmuKernel.last_launch[0] == "conv2d_bias_relu_fused_0"
+    check_conv(fused, CONV_CASES[3], np.float64, rng, "fused, depthwise", fused=True)
+    assert _EmuKernel.last_launch[0] == "conv2d_bias_relu_fused_narrow"
+
+
 # ------------------------------------------------------------------------------ 4. on a GPU
 @pytest.fixture(scope="module")
 def cp():
@@ -678,6 +802,28 @@ def test_gpu_conv_resnet_layer(cp, rng):
             return cp.asnumpy(got)
         check_conv(on_gpu, case, np.float32, rng, f"conv2d_bias_relu/cupy/{stage} resnet",
                    fused=True)
+
+
+@pytest.mark.parametrize("tile", range(_loader.PIPELINED_SLOTS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_pipelined_every_tile(cp, dtype, tile, rng):
+    """Each tile of the pipelined table forced on the GPU (the emulation test's shapes, plus a
+    ResNet-sized layer that takes several blocks of every tile)."""
+    from fastops.kernels.cuda.conv2d import run_pipelined
+    from fastops.kernels.cuda.conv2d_bias_relu import run_fused
+
+    for fused, launch in [(False, run_pipelined), (True, run_fused)]:
+        def on_gpu(x, w, bias, kw, launch=launch, fused=fused):
+            plan = check_conv2d(x, w, bias, kw["stride"], kw["padding"], kw["dilation"],
+                                kw["groups"])
+            out = cp.full(plan.out_shape, cp.nan, x.dtype)
+            arrays = [cp.asarray(x), cp.asarray(w)] + ([cp.asarray(bias)] if fused else [])
+            launch(*arrays, out, plan.params, tile)
+            return cp.asnumpy(out)
+
+        what = f"{launch.__name__}[{tile}] {np.dtype(dtype).name}"
+        for case in PIPELINED_CASES + [(2, 64, 28, 28, 192, 3, 3, 1, 1, 1, 1)]:
+            check_conv(on_gpu, case, dtype, rng, f"{what} {_case_id(case)}", fused=fused)
 
 
 # ------------------------------------------------------------------------------ the benchmark

@@ -189,10 +189,11 @@ class ConvTile(NamedTuple):
         return (self.bm // self.tm) * (self.bn // self.tn)
 
 
-# Implicit-GEMM conv tiles (conv2d.cu, conv2d_bias_relu.cu). "wide": 64 channels x 64 pixels,
-# 256 threads of 4 x 4 outputs, for layers with many output channels per group (all dense
-# ResNet layers). "narrow": 1 channel x 256 pixels for few channels per group (depthwise:
-# K/groups = 1), where a 64-channel tile would waste 63/64 of its multiply-adds on padding.
+# Implicit-GEMM conv tiles of stage implicit_gemm (conv2d.cu). "wide": 64 channels x 64
+# pixels, 256 threads of 4 x 4 outputs, for layers with many output channels per group (all
+# dense ResNet layers). "narrow": 1 channel x 256 pixels for few channels per group
+# (depthwise: K/groups = 1), where a 64-channel tile would waste 63/64 of its multiply-adds on
+# padding. The later stages (pipelined, fused) keep using the narrow tile for such layers.
 CONV_TILES = {
     "wide": ConvTile(bm=64, bn=64, bk=16, tm=4, tn=4),
     "narrow": ConvTile(bm=1, bn=256, bk=16, tm=1, tn=1),
@@ -201,6 +202,32 @@ WIDE_MIN_CHANNELS = 16  # K/groups at or above this uses the wide tile (a guess,
 
 CONV_DTYPES = {"float32": "float", "float64": "double"}  # numpy name -> C type of REAL
 
+# Tiles of stage pipelined (conv_pipelined.cuh), per dtype, largest first: the launcher takes
+# the first that still puts at least one block on every SM (conv2d.choose_pipelined_tile).
+# Tile i is compiled as kernel <prefix>_<i> with the PIPE<i>_* defines. Every tile has 256
+# threads or fewer and BK = 8 (siboehm's kernel 6: 128 x 128 x 8, 8 x 8 per thread).
+#   float32: 8 x 8 outputs per thread for the 128 x 128 tile (64 accumulators: 16 FMAs per
+#   128-bit shared load), 8 x 4 / 4 x 8 for the half tiles, 4 x 4 for 64 x 64.
+#   float64: a double takes two registers, so 8 x 8 doubles (128 registers of accumulators)
+#   would leave too few for the fragments and the staged loads; the float64 tiles use 4 x 4
+#   (32 registers of accumulators; the largest tile is 64 x 64), except 32 x 64, where ptxas
+#   spilled 8 bytes at 4 x 4 (96 registers, nvcc 13.0 sm_90) and 2 x 4 with 256 threads does not.
+PIPELINED_TILES = {
+    "float32": (
+        ConvTile(bm=128, bn=128, bk=8, tm=8, tn=8),
+        ConvTile(bm=128, bn=64, bk=8, tm=8, tn=4),
+        ConvTile(bm=64, bn=128, bk=8, tm=4, tn=8),
+        ConvTile(bm=64, bn=64, bk=8, tm=4, tn=4),
+    ),
+    "float64": (
+        ConvTile(bm=64, bn=64, bk=8, tm=4, tn=4),
+        ConvTile(bm=64, bn=32, bk=8, tm=4, tn=4),
+        ConvTile(bm=32, bn=64, bk=8, tm=2, tn=4),
+        ConvTile(bm=32, bn=32, bk=8, tm=4, tn=4),
+    ),
+}
+PIPELINED_SLOTS = 4  # kernels <prefix>_0 .. _3 in conv2d.cu and conv2d_bias_relu.cu
+
 
 def conv_defines(real: str) -> dict:
     """-D defines of the conv sources for element type ``real`` ("float" or "double")."""
@@ -208,6 +235,10 @@ def conv_defines(real: str) -> dict:
     for name, tile in CONV_TILES.items():
         for field, value in tile._asdict().items():
             defines[f"{name.upper()}_{field.upper()}"] = value
+    dtype = {c: name for name, c in CONV_DTYPES.items()}[real]
+    for i, tile in enumerate(PIPELINED_TILES[dtype]):
+        for field, value in tile._asdict().items():
+            defines[f"PIPE{i}_{field.upper()}"] = value
     return defines
 
 

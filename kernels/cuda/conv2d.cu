@@ -6,9 +6,11 @@
 // the shape arrives as the 16 ints of CONV_SHAPE_PARAMS (conv_implicit_gemm.cuh).
 //
 // Register use (nvcc 13.0 -arch=sm_90 -Xptxas -v, float / double, no spills):
-//   conv2d_naive 40 / 40, conv2d_implicit_gemm_wide 64 / 97, conv2d_implicit_gemm_narrow 48 / 48.
+//   conv2d_naive 40 / 40, conv2d_implicit_gemm_wide 64 / 97, conv2d_implicit_gemm_narrow 48 / 48,
+//   conv2d_pipelined_0 179 / 128, _1 121 / 126, _2 109 / 78, _3 79 / 140 (tile i of
+//   _loader.PIPELINED_TILES[dtype]: the float and double tables differ).
 
-#include "conv_implicit_gemm.cuh"
+#include "conv_pipelined.cuh"
 
 // ------------------------------------------------------------------------------------------
 // Stage 1 · naive: direct convolution, one thread per output element.
@@ -81,4 +83,51 @@ conv2d_implicit_gemm_narrow(const REAL* __restrict__ x, const REAL* __restrict__
 {
     conv_implicit_gemm<NARROW_BM, NARROW_BN, NARROW_BK, NARROW_TM, NARROW_TN, false>(
         x, wt, nullptr, out, CONV_SHAPE);
+}
+
+// ------------------------------------------------------------------------------------------
+// Stage 3 · pipelined: the implicit GEMM of stage 2 rebuilt as siboehm's SGEMM kernels 6 + 9
+// and CUTLASS's optimized iterators build a GEMM (conv_pipelined.cuh has the details).
+//   Changed since implicit_gemm: larger register blocking (float32 up to a 128 x 128 tile,
+//   8 x 8 outputs per thread), the weight tile stored transposed so both fragments are read
+//   with 128-bit shared loads, two shared buffers filled through registers (the next slice's
+//   global loads are in flight during this slice's FMAs; one __syncthreads per slice), and
+//   im2col rows walked with (channel, tap row, tap column) counters instead of two integer
+//   divisions per gathered element. The launcher picks the tile per layer: the largest of
+//   _loader.PIPELINED_TILES that still gives every SM a block.
+//   Bottleneck removed: shared-memory load issue (16 FMAs per 128-bit load instead of 2 per
+//   scalar load), exposed global-load latency (stage 2 waits for each tile before its FMAs),
+//   and the integer divisions of the gather.
+//   Still lacks: tensor cores (TF32/FP64 MMA), cp.async / TMA copies, 128-bit global loads
+//   (weight rows of length (c/groups)*kh*kw are rarely 16-byte aligned; im2col is a gather),
+//   and split-K: small-P x small-K layers (ResNet-50 res4/res5 at batch 8) stay under-filled.
+//   Depthwise and thin groups (K/groups < 16) keep stage 2's narrow tile.
+//   Compile-checked and CPU-emulated only where it was written: no GPU timing yet.
+// ------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(0))
+conv2d_pipelined_0(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+{
+    conv_pipelined<PIPE_TILE(0), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
+}
+
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(1))
+conv2d_pipelined_1(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+{
+    conv_pipelined<PIPE_TILE(1), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
+}
+
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(2))
+conv2d_pipelined_2(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+{
+    conv_pipelined<PIPE_TILE(2), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
+}
+
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(3))
+conv2d_pipelined_3(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+{
+    conv_pipelined<PIPE_TILE(3), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
 }

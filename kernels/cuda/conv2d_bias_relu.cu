@@ -7,30 +7,59 @@
 // (fastops.registry.derive_unfused_conv_bias_relu).
 //
 // Register use (nvcc 13.0 -arch=sm_90 -Xptxas -v, float / double, no spills):
-//   conv2d_bias_relu_fused_wide 64 / 97, conv2d_bias_relu_fused_narrow 48 / 48.
+//   conv2d_bias_relu_fused_0 130 / 128, _1 107 / 126, _2 103 / 78, _3 64 / 136,
+//   conv2d_bias_relu_fused_narrow 48 / 48.
 
-#include "conv_implicit_gemm.cuh"
+#include "conv_pipelined.cuh"
 
 // ------------------------------------------------------------------------------------------
-// Stage fused: the implicit_gemm kernel with the bias add and the ReLU applied to the
-// accumulators in registers before the one store of the output.
-//   Changed since implicit_gemm + separate passes: the output is written once instead of
-//   being written by the conv, then read and written by the bias pass, then read and
-//   written by the ReLU pass (5 sweeps over n*k*ho*wo values become 1).
+// Stage fused: stage pipelined's kernel (conv_pipelined.cuh) with the bias add and the ReLU
+// applied to the accumulators in registers before the one store of the output.
+//   Changed since pipelined + separate passes: the output is written once instead of being
+//   written by the conv, then read and written by the bias pass, then read and written by
+//   the ReLU pass (5 sweeps over n*k*ho*wo values become 1, 3 launches become 1).
 //   Bottleneck removed: the memory traffic and launch overhead of the two elementwise passes,
 //   which matter most on small, memory-bound layers (7x7 feature maps, 1x1 convs).
 //   ReLU keeps NaN (relu_keep_nan in common.cuh), as torch.relu.
-//   Still lacks: what implicit_gemm lacks (128-bit loads, double buffering, tensor cores).
+//   Tiles: the launcher picks one of _loader.PIPELINED_TILES per layer as for pipelined;
+//   depthwise / thin groups (K/groups < 16) use stage implicit_gemm's narrow tile with the
+//   same epilogue (conv2d_bias_relu_fused_narrow).
+//   Still lacks: what pipelined lacks (tensor cores, cp.async, split-K for small layers).
+//   Compile-checked and CPU-emulated only where it was written: no GPU timing yet.
 // ------------------------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__((WIDE_BM / WIDE_TM) * (WIDE_BN / WIDE_TN))
-conv2d_bias_relu_fused_wide(const REAL* __restrict__ x, const REAL* __restrict__ wt,
-                            const REAL* __restrict__ bias, REAL* __restrict__ out,
-                            CONV_SHAPE_PARAMS)
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(0))
+conv2d_bias_relu_fused_0(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                         const REAL* __restrict__ bias, REAL* __restrict__ out,
+                         CONV_SHAPE_PARAMS, int vec_out)
 {
-    conv_implicit_gemm<WIDE_BM, WIDE_BN, WIDE_BK, WIDE_TM, WIDE_TN, true>(x, wt, bias, out,
-                                                                         CONV_SHAPE);
+    conv_pipelined<PIPE_TILE(0), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
 }
 
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(1))
+conv2d_bias_relu_fused_1(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                         const REAL* __restrict__ bias, REAL* __restrict__ out,
+                         CONV_SHAPE_PARAMS, int vec_out)
+{
+    conv_pipelined<PIPE_TILE(1), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
+}
+
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(2))
+conv2d_bias_relu_fused_2(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                         const REAL* __restrict__ bias, REAL* __restrict__ out,
+                         CONV_SHAPE_PARAMS, int vec_out)
+{
+    conv_pipelined<PIPE_TILE(2), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
+}
+
+extern "C" __global__ void __launch_bounds__(PIPE_THREADS(3))
+conv2d_bias_relu_fused_3(const REAL* __restrict__ x, const REAL* __restrict__ wt,
+                         const REAL* __restrict__ bias, REAL* __restrict__ out,
+                         CONV_SHAPE_PARAMS, int vec_out)
+{
+    conv_pipelined<PIPE_TILE(3), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
+}
+
+// Depthwise / thin groups: stage 2's 1-channel x 256-pixel tile with the fused epilogue.
 extern "C" __global__ void __launch_bounds__((NARROW_BM / NARROW_TM) * (NARROW_BN / NARROW_TN))
 conv2d_bias_relu_fused_narrow(const REAL* __restrict__ x, const REAL* __restrict__ wt,
                               const REAL* __restrict__ bias, REAL* __restrict__ out,

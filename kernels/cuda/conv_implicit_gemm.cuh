@@ -1,6 +1,8 @@
-// conv_implicit_gemm.cuh: the conv2d shape record and the shared-memory tiled implicit-GEMM
-// convolution, used by conv2d.cu (stage implicit_gemm) and conv2d_bias_relu.cu (stage fused,
-// which only switches on the bias + ReLU epilogue).
+// conv_implicit_gemm.cuh: the conv2d shape record, the helpers every implicit-GEMM kernel
+// shares (pixel decode, output offset, epilogue), and the shared-memory tiled implicit-GEMM
+// convolution of stage implicit_gemm (conv2d.cu). Its 1-channel "narrow" tile also serves the
+// later stages for depthwise / thin groups; conv_pipelined.cuh builds stage pipelined on the
+// helpers here.
 //
 // REAL (float or double) is set by the loader with -DREAL=...; the tile shapes with
 // -DWIDE_BM=... etc. (kernels/cuda/_loader.py, CONV_TILES).
@@ -30,6 +32,36 @@ struct ConvShape {
     int n, int c, int h, int w, int k, int ho, int wo, int kh, int kw, int sh, int sw, int pt,  \
         int pl, int dh, int dw, int groups
 #define CONV_SHAPE ConvShape{n, c, h, w, k, ho, wo, kh, kw, sh, sw, pt, pl, dh, dw, groups}
+
+// Output pixel p (0 <= p < n*ho*wo, the column index of the implicit GEMM, ow fastest) ->
+// its image and the input coordinate of the top-left tap of its receptive field (may be
+// negative or past the edge: padding). Two divisions; kernels do this once per thread.
+struct PixelOrigin {
+    int img, ih0, iw0;
+};
+__device__ __forceinline__ PixelOrigin pixel_origin(const ConvShape& s, idx_t p)
+{
+    const int ow = (int)(p % s.wo);
+    const idx_t t = p / s.wo;
+    return PixelOrigin{(int)(t / s.ho), (int)(t % s.ho) * s.sh - s.pt, ow * s.sw - s.pl};
+}
+
+// Offset of output pixel p of output channel 0 in out (n, k, ho, wo): channel ko of that
+// pixel is at out[out_pixel_offset(s, p) + ko * ho * wo].
+__device__ __forceinline__ idx_t out_pixel_offset(const ConvShape& s, idx_t p)
+{
+    const idx_t hw = (idx_t)s.ho * s.wo;
+    const idx_t img = p / hw;
+    return img * s.k * hw + (p - img * hw);
+}
+
+// The epilogue applied to an accumulator before its one store: nothing for conv2d, bias and
+// a NaN-keeping ReLU for the fused conv2d_bias_relu.
+template <bool BIAS_RELU>
+__device__ __forceinline__ REAL epilogue(REAL acc, REAL bias)
+{
+    return BIAS_RELU ? relu_keep_nan(acc + bias) : acc;
+}
 
 // ------------------------------------------------------------------------------------------
 // Implicit GEMM. For group g the convolution is the matrix product
@@ -74,16 +106,9 @@ __device__ __forceinline__ void conv_implicit_gemm(const REAL* __restrict__ x,
     const int b_col = threadIdx.x % BN, b_row0 = threadIdx.x / BN;
     const idx_t p_mine = p0 + b_col;
     const bool p_ok = p_mine < P;
-    int img = 0, ih0 = 0, iw0 = 0;
-    if (p_ok) {
-        const int ow = (int)(p_mine % s.wo);
-        const idx_t t = p_mine / s.wo;
-        ih0 = (int)(t % s.ho) * s.sh - s.pt;
-        iw0 = ow * s.sw - s.pl;
-        img = (int)(t / s.ho);
-    }
+    const PixelOrigin o = p_ok ? pixel_origin(s, p_mine) : PixelOrigin{0, 0, 0};
     // x[img, g*cg : (g+1)*cg] as a (cg, h, w) slab, and the (kg, R) weight rows of group g.
-    const REAL* x_slab = x + ((idx_t)img * s.c + (idx_t)g * cg) * s.h * s.w;
+    const REAL* x_slab = x + ((idx_t)o.img * s.c + (idx_t)g * cg) * s.h * s.w;
     const REAL* w_grp = wt + (idx_t)g * kg * R;
 
     const int t_row = threadIdx.x / (BN / TN), t_col = threadIdx.x % (BN / TN);
@@ -107,7 +132,7 @@ __device__ __forceinline__ void conv_implicit_gemm(const REAL* __restrict__ x,
             if (p_ok && rr < R) {
                 const int ci = rr / taps, tap = rr - ci * taps;
                 const int ki = tap / s.kw, kj = tap - ki * s.kw;
-                const int ih = ih0 + ki * s.dh, iw = iw0 + kj * s.dw;
+                const int ih = o.ih0 + ki * s.dh, iw = o.iw0 + kj * s.dw;
                 if (ih >= 0 && ih < s.h && iw >= 0 && iw < s.w)
                     v = x_slab[((idx_t)ci * s.h + ih) * s.w + iw];
             }
@@ -143,10 +168,7 @@ __device__ __forceinline__ void conv_implicit_gemm(const REAL* __restrict__ x,
         for (int j = 0; j < TN; ++j) {
             const idx_t p = p0 + t_col + j * (BN / TN);
             if (p >= P) break;
-            const idx_t im = p / hw, pix = p - im * hw;
-            REAL v = acc[i][j];
-            if (BIAS_RELU) v = relu_keep_nan(v + b);
-            out[(im * s.k + ko) * hw + pix] = v;
+            out[out_pixel_offset(s, p) + ko * hw] = epilogue<BIAS_RELU>(acc[i][j], b);
         }
     }
 }
