@@ -7,10 +7,11 @@ through :class:`cupy.RawModule`, as CuPy itself does. Three things happen here a
   with the reason ("CuPy not installed", "no CUDA GPU available: ...") so that
   :mod:`fastops.backends` records the ``cupy`` backend as unavailable instead of registering it.
 * Compile-time constants (tile sizes, the conv element type) are ``-D`` defines built from the
-  tables below: :data:`MATMUL_DEFINES`, :data:`WARPTILES` and :data:`CONV_TILES`. The Python
-  launchers read the same tables to size their grids, and ``tests/test_cuda.py`` compiles every
-  source with ``nvcc`` for exactly the variants in :data:`BUILD_VARIANTS` (every warptile
-  candidate included), so the three cannot drift apart. :func:`check_warptile` writes down
+  tables below: :data:`MATMUL_DEFINES`, :data:`WARPTILES`, :data:`CONV_TILES` and
+  :data:`PIPELINED_TILES`. The Python launchers read the same tables to size their grids, and
+  ``tests/test_cuda.py`` compiles every source with ``nvcc`` for exactly the variants in
+  :data:`BUILD_VARIANTS` (every warptile candidate and pipelined conv tile included), so the
+  three cannot drift apart. :func:`check_warptile` writes down
   what the warptiled kernel assumes of its tile.
 * :func:`kernel` compiles a (source, defines) pair once per device and caches the module in a
   dict keyed by (device id, source text, options): no recompilation per call.
