@@ -12,14 +12,15 @@ Four layers, so that most of the backend is checked on machines without a GPU:
    __syncthreads, a block at a time, so ``__shared__`` is a static array), and the real Python
    launchers in kernels/cuda/*.py drive it through a stand-in ``cupy`` module. Every stage,
    every candidate tile of the warptiled stage and every tile of the pipelined conv stage
-   (forced, on shapes that exercise each carry of its im2col counters) is checked against the
-   float64 oracle: grids, index math, bounds checks and tile loops are exercised for real;
+   (forced, on shapes that exercise each carry of its im2col counters) and its split-K path
+   (S forced to 2, 3 and beyond the reduction's slice count, both stages) is checked against
+   the float64 oracle: grids, index math, bounds checks and tile loops are exercised for real;
    only warp timing and memory-model subtleties are not (skipped without g++). The stand-in
    device reports an H200's 132 SMs, which the pipelined stage's tile choice reads.
 4. On a machine with CuPy and a GPU, every registered cupy stage is checked against the
    oracle through the public API: CuPy in -> CuPy out on the same device, NumPy in -> NumPy out;
    every warptile candidate runs through its launcher (what benchmarks/gpu_bench.py sweeps),
-   and every tile of the pipelined conv stage through its launchers.
+   and every tile of the pipelined conv stage through its launchers, split-K included.
 """
 from __future__ import annotations
 
@@ -371,6 +372,7 @@ def emu(array):
 
 class _EmuKernel:
     last_launch = None  # (kernel name, grid, block) of the latest launch, for the tests
+    launches: list = []  # every launch, in order (tests that need more than the last clear it)
 
     def __init__(self, lib, name, params):
         self.name, self.params = name, params
@@ -381,6 +383,7 @@ class _EmuKernel:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         _EmuKernel.last_launch = (self.name, grid, block)
+        _EmuKernel.launches.append(_EmuKernel.last_launch)
         assert grid[1] <= 65535 and grid[2] <= 65535 and grid[0] < 2**31, grid
         assert np.prod(block) <= 1024, block
         assert len(args) == len(self.params), (
@@ -459,6 +462,9 @@ def emulated(tmp_path_factory):
     fake = types.ModuleType("cupy")
     fake.cuda = types.SimpleNamespace(is_available=lambda: True, Device=lambda *a: _EmuDevice())
     fake.RawModule = _EmuModule
+    # cupy.empty (split-K's workspace). Filled with NaN rather than left uninitialised: a
+    # partial that no block writes then shows up as NaN in the sum instead of passing by luck.
+    fake.empty = lambda shape, dtype: emu(np.full(shape, np.nan, dtype))
     found = {}
 
     def collect(op, backend, stage, summary, *, device="cpu", dtypes=(), max_flops=None):
@@ -589,9 +595,10 @@ def test_emulated_conv(emulated, stage, dtype, rng):
                nan=True)
 
 
-def _pipelined_runner(emulated_module, fused, tile, misaligned=False):
+def _pipelined_runner(emulated_module, fused, tile, misaligned=False, splits=None):
     """run(x, w, bias, kw) through the emulated pipelined / fused launcher with ``tile``
-    forced; ``misaligned`` puts ``out`` 1 element past a 16-byte boundary."""
+    (and ``splits``-way split-K) forced; ``misaligned`` puts ``out`` 1 element past a
+    16-byte boundary."""
     mod = sys.modules[emulated_module]
     launch = mod.run_fused if fused else mod.run_pipelined
 
@@ -604,7 +611,7 @@ def _pipelined_runner(emulated_module, fused, tile, misaligned=False):
         out = out.reshape(plan.out_shape)
         assert (out.data.ptr % 16 != 0) == misaligned
         arrays = (emu(x), emu(w)) + ((emu(bias),) if fused else ())
-        launch(*arrays, out, plan.params, tile)
+        launch(*arrays, out, plan.params, tile, splits)
         return np.asarray(out).copy()
     return run
 
@@ -651,7 +658,7 @@ RESNET50_B8_TILES = [
     ((64, 1, 8 * 56 * 56), 2),    # res2 3x3 K64: 128-row tiles skipped (half padding); 196 blocks
     ((128, 1, 8 * 28 * 28), 3),   # res3: 49 / 98 / 98 blocks for the larger tiles, 196 of 64x64
     ((256, 1, 8 * 14 * 14), 3),   # res4: no tile reaches 132 blocks: the smallest (100)
-    ((512, 1, 8 * 7 * 7), 3),     # res5: 56 blocks of 64 x 64, under-filled (no split-K)
+    ((512, 1, 8 * 7 * 7), 3),     # res5: 56 blocks of 64 x 64, under-filled: split-K below
     ((64, 1, 8 * 112 * 112), 2),  # stem 7x7/2
     ((256, 1, 8 * 56 * 56), 0),   # 1x1 C64 -> K256 at 56x56: 196 x 2 blocks of 128 x 128
 ]
@@ -666,6 +673,139 @@ def test_choose_pipelined_tile(emulated):
     assert choose(np.float32, 16, 1, 10**6, 132) == 2    # shorter than every tile: 64 rows
     assert choose(np.float64, 512, 1, 392, 132) == 3     # float64: its own table
     assert choose(np.float64, 512, 1, 10**6, 132) == 0
+
+
+# The same layers with their reduction R = (C/groups)*kH*kW: (kg, groups, pixels, R) -> (tile,
+# blocks of that tile, splits S, blocks with split-K) on 132 SMs, float32. Only res4 and res5
+# are split; their S is the smallest that reaches 132 blocks (both far under the cap R / 256).
+RESNET50_B8_SPLITS = [
+    ((64, 1, 8 * 56 * 56, 64 * 9), (2, 196, 1, 196)),     # res2
+    ((128, 1, 8 * 28 * 28, 128 * 9), (3, 196, 1, 196)),   # res3
+    ((256, 1, 8 * 14 * 14, 256 * 9), (3, 100, 2, 200)),   # res4: 100 of 132 SMs -> all
+    ((512, 1, 8 * 7 * 7, 512 * 9), (3, 56, 3, 168)),      # res5: 56 of 132 SMs -> all
+    ((64, 1, 8 * 56 * 56, 256), (2, 196, 1, 196)),        # 1x1 C256 -> K64 at 56x56
+    ((64, 1, 8 * 112 * 112, 3 * 49), (2, 784, 1, 784)),    # stem 7x7/2
+]
+
+
+def test_choose_split_k(emulated):
+    conv2d = sys.modules["fastops.kernels.cuda.conv2d"]
+    for (kg, groups, pixels, reduction), want in RESNET50_B8_SPLITS:
+        tile = conv2d.choose_pipelined_tile(np.float32, kg, groups, pixels, 132)
+        t = _loader.PIPELINED_TILES["float32"][tile]
+        blocks = _loader.cdiv(pixels, t.bn) * _loader.cdiv(kg, t.bm) * groups
+        splits = conv2d.choose_split_k(blocks, reduction, 132)
+        used, rows = conv2d.split_slices(reduction, t.bk, splits)
+        assert (tile, blocks, used, blocks * used) == want, (kg, pixels)
+        assert rows % t.bk == 0 and (used == 1 or rows >= conv2d.MIN_SPLIT_ROWS)
+    choose = conv2d.choose_split_k
+    assert choose(132, 10**6, 132) == 1          # already one block per SM
+    assert choose(56, 4608, 1) == 1              # one SM: nothing to fill
+    assert choose(1, 10**6, 132) == 132          # one block, a huge reduction
+    assert choose(131, 4608, 132) == 2           # one block short: the smallest S that fills
+    assert choose(10, 5000, 132) == 14           # 14 ways, 357 rows each
+    assert choose(10, 1024, 132) == 4            # capped: 4 splits of 256 rows, 40 blocks
+    assert choose(10, 511, 132) == 1             # too short to split in two
+    assert choose(0, 4608, 132) == 1             # an empty output: nothing to split
+    # float64 picks smaller tiles that already fill the GPU at res4 / res5: no split.
+    for kg, pixels in [(256, 1568), (512, 392)]:
+        t = _loader.PIPELINED_TILES["float64"][
+            conv2d.choose_pipelined_tile(np.float64, kg, 1, pixels, 132)]
+        assert choose(_loader.cdiv(pixels, t.bn) * _loader.cdiv(kg, t.bm), kg * 9, 132) == 1
+
+
+def test_split_slices(emulated):
+    """Splits start on BK boundaries, cover R exactly, none empty; too many are clamped."""
+    split_slices = sys.modules["fastops.kernels.cuda.conv2d"].split_slices
+    assert split_slices(4608, 8, 3) == (3, 1536)
+    assert split_slices(2304, 8, 2) == (2, 1152)
+    assert split_slices(45, 8, 2) == (2, 24)     # 24 + 21 rows: the tail in the last split
+    assert split_slices(45, 8, 4) == (3, 16)     # 6 slices 4 ways: 2 + 2 + 2, clamped to 3
+    assert split_slices(45, 8, 100) == (6, 8)    # more splits than slices: one slice each
+    assert split_slices(5, 8, 3) == (1, 8)       # R < BK: unsplit
+    assert split_slices(45, 8, 1) == (1, 48)
+    for reduction in range(1, 80):
+        for asked in range(1, 12):
+            used, rows = split_slices(reduction, 8, asked)
+            assert 1 <= used <= asked and rows % 8 == 0
+            assert (used - 1) * rows < reduction <= used * rows  # every split non-empty
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="positive number of splits"):
+            split_slices(45, 8, bad)
+
+
+# Shapes forced through split-K, (case, tile, splits asked): R = 45 (6 BK-slices, the last
+# 5 rows) for S = 2, 3, 4 (clamped to 3) and 7 (> 6 slices: clamped to 6); 1x1 with R = 37;
+# 5x5 with stride 2, padding 2 and 2 groups (R = 75 per group); 3x3 dilated with asymmetric
+# padding (R = 36); ho*wo = 48 with K = 131 (128-bit partial stores, a tail channel tile);
+# R = 5 < BK (nothing to split: the one-pass kernel runs).
+SPLIT_CASES = [
+    ((2, 5, 6, 7, 19, 3, 3, 1, 1, 1, 1), 3, (2, 3, 4, 7)),
+    ((3, 37, 4, 5, 20, 1, 1, 1, 0, 1, 1), 2, (2, 3)),
+    ((2, 6, 9, 8, 34, 5, 5, 2, 2, 1, 2), 1, (3, 10)),
+    ((1, 4, 7, 6, 8, 3, 3, 1, "same", 2, 1), 0, (2,)),
+    ((2, 3, 8, 6, 131, 3, 3, 1, 1, 1, 1), 3, (3,)),
+    ((2, 5, 4, 4, 7, 1, 1, 1, 0, 1, 1), 3, (2,)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_split_k(emulated, dtype, rng):
+    """Split-K forced (S = 2, 3 and more than the reduction has slices) through the launchers
+    of both stages: the partial launch covers groups * S blocks in z, the sum pass follows,
+    and the result matches the oracle on awkward shapes, NaN included."""
+    conv2d = sys.modules["fastops.kernels.cuda.conv2d"]
+    for fused, module, sum_kernel in [
+            (False, "fastops.kernels.cuda.conv2d", "conv2d_split_sum"),
+            (True, "fastops.kernels.cuda.conv2d_bias_relu", "conv2d_bias_relu_split_sum")]:
+        for case, tile, asks in SPLIT_CASES:
+            _n, c, _h, _w, _k, kh, kw, *_rest, groups = case
+            t = _loader.PIPELINED_TILES[np.dtype(dtype).name][tile]
+            for asked in asks:
+                used, _rows = conv2d.split_slices(c // groups * kh * kw, t.bk, asked)
+                what = (f"emulated split-K {module.rsplit('.', 1)[1]} {np.dtype(dtype).name} "
+                        f"tile {tile} S={asked} (used {used}) {_case_id(case)}")
+                _EmuKernel.launches.clear()
+                run = _pipelined_runner(module, fused, tile, splits=asked)
+                check_conv(run, case, dtype, rng, what, fused=fused)
+                names = [name for name, *_ in _EmuKernel.launches]
+                z = [grid[2] for _name, grid, _block in _EmuKernel.launches]
+                if used == 1:
+                    prefix = "conv2d_bias_relu_fused" if fused else "conv2d_pipelined"
+                    assert names == [f"{prefix}_{tile}"] and z == [groups], what
+                else:  # partials always from conv2d.cu: raw sums, no epilogue
+                    assert names == [f"conv2d_pipelined_{tile}", sum_kernel], what
+                    assert z[0] == groups * used, what
+        case, tile, _asks = SPLIT_CASES[0]
+        check_conv(_pipelined_runner(module, fused, tile, splits=3), case, dtype, rng,
+                   f"emulated split-K {module} NaN", fused=fused, nan=True)
+        x, wt, bias, kw = conv_inputs(case, dtype, rng)
+        with pytest.raises(ValueError, match="positive number of splits"):
+            _pipelined_runner(module, fused, tile, splits=0)(x, wt, bias, kw)
+
+
+def test_emulated_split_k_chosen(emulated, rng, monkeypatch):
+    """The registered stages split by themselves when the tile leaves SMs idle and R is long:
+    C64 3x3 on a 5x5 image (R = 576, 1 block of 64 x 64) splits 2 ways on 132 SMs (the cap:
+    576 // 256), not on 1 SM."""
+    case = (1, 64, 5, 5, 16, 3, 3, 1, 1, 1, 1)
+    for stage, op, sum_kernel in [("pipelined", "conv2d", "conv2d_split_sum"),
+                                  ("fused", "conv2d_bias_relu", "conv2d_bias_relu_split_sum")]:
+        run = _emulated_conv(emulated[(op, stage)].kernel, fused=stage == "fused")
+        for dtype in (np.float32, np.float64):
+            _EmuKernel.launches.clear()
+            check_conv(run, case, dtype, rng, f"{stage} chosen split", fused=stage == "fused")
+            (part, _g, _b), (last, _g2, _b2) = _EmuKernel.launches
+            assert part == "conv2d_pipelined_3" and _g[2] == 2 and last == sum_kernel
+    conv2d_module = sys.modules["fastops.kernels.cuda.conv2d"]
+    conv2d_module.sm_count.cache_clear()
+    monkeypatch.setattr(_EmuDevice, "attributes", {"MultiProcessorCount": 1})
+    _EmuKernel.launches.clear()
+    check_conv(_emulated_conv(emulated[("conv2d", "pipelined")].kernel, fused=False), case,
+               np.float32, rng, "pipelined, 1 SM: no split")
+    # One SM: the largest tile no taller than needed (64 x 128) fills it, unsplit.
+    assert [name for name, *_ in _EmuKernel.launches] == ["conv2d_pipelined_2"]
+    conv2d_module.sm_count.cache_clear()
 
 
 def test_emulated_pipelined_reads_the_sm_count(emulated, rng, monkeypatch):
@@ -824,6 +964,35 @@ def test_gpu_pipelined_every_tile(cp, dtype, tile, rng):
         what = f"{launch.__name__}[{tile}] {np.dtype(dtype).name}"
         for case in PIPELINED_CASES + [(2, 64, 28, 28, 192, 3, 3, 1, 1, 1, 1)]:
             check_conv(on_gpu, case, dtype, rng, f"{what} {_case_id(case)}", fused=fused)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_split_k(cp, dtype, rng):
+    """Split-K on the GPU: forced S on the emulation's awkward shapes, and a res5-like layer
+    (C512 7x7, batch 2: 16 blocks of 64 x 64) split as the launcher chooses, twice, with
+    bit-identical results (the partials are summed in a fixed order, no atomics)."""
+    from fastops.kernels.cuda.conv2d import run_pipelined
+    from fastops.kernels.cuda.conv2d_bias_relu import run_fused
+
+    for fused, launch in [(False, run_pipelined), (True, run_fused)]:
+        def on_gpu(x, w, bias, kw, launch=launch, fused=fused, tile=None, splits=None):
+            plan = check_conv2d(x, w, bias, kw["stride"], kw["padding"], kw["dilation"],
+                                kw["groups"])
+            out = cp.full(plan.out_shape, cp.nan, x.dtype)
+            arrays = [cp.asarray(x), cp.asarray(w)] + ([cp.asarray(bias)] if fused else [])
+            launch(*arrays, out, plan.params, tile, splits)
+            return cp.asnumpy(out)
+
+        what = f"{launch.__name__} split-K {np.dtype(dtype).name}"
+        for case, tile, asks in SPLIT_CASES:
+            for splits in asks:
+                check_conv(functools.partial(on_gpu, tile=tile, splits=splits), case, dtype,
+                           rng, f"{what} tile {tile} S={splits} {_case_id(case)}", fused=fused)
+        case = (2, 512, 7, 7, 512, 3, 3, 1, 1, 1, 1)
+        x, wt, bias, kw = conv_inputs(case, dtype, rng)
+        first = on_gpu(x, wt, bias, kw)
+        assert np.array_equal(first, on_gpu(x, wt, bias, kw), equal_nan=True), what
+        check_conv(on_gpu, case, dtype, rng, f"{what} res5-like, chosen", fused=fused)
 
 
 # ------------------------------------------------------------------------------ the benchmark

@@ -204,7 +204,8 @@ WIDE_MIN_CHANNELS = 16  # K/groups at or above this uses the wide tile (a guess,
 CONV_DTYPES = {"float32": "float", "float64": "double"}  # numpy name -> C type of REAL
 
 # Tiles of stage pipelined (conv_pipelined.cuh), per dtype, largest first: the launcher takes
-# the first that still puts at least one block on every SM (conv2d.choose_pipelined_tile).
+# the first that still puts at least one block on every SM (conv2d.choose_pipelined_tile), and
+# splits the reduction when none does (conv2d.choose_split_k).
 # Tile i is compiled as kernel <prefix>_<i> with the PIPE<i>_* defines. Every tile has 256
 # threads or fewer and BK = 8 (siboehm's kernel 6: 128 x 128 x 8, 8 x 8 per thread).
 #   float32: 8 x 8 outputs per thread for the 128 x 128 tile (64 accumulators: 16 FMAs per

@@ -7,8 +7,9 @@
 //
 // Register use (nvcc 13.0 -arch=sm_90 -Xptxas -v, float / double, no spills):
 //   conv2d_naive 40 / 40, conv2d_implicit_gemm_wide 64 / 97, conv2d_implicit_gemm_narrow 48 / 48,
-//   conv2d_pipelined_0 179 / 128, _1 121 / 126, _2 109 / 78, _3 79 / 140 (tile i of
-//   _loader.PIPELINED_TILES[dtype]: the float and double tables differ).
+//   conv2d_pipelined_0 157 / 128, _1 107 / 106, _2 109 / 78, _3 64 / 138 (tile i of
+//   _loader.PIPELINED_TILES[dtype]: the float and double tables differ), conv2d_split_sum
+//   32 / 32.
 
 #include "conv_pipelined.cuh"
 
@@ -94,40 +95,52 @@ conv2d_implicit_gemm_narrow(const REAL* __restrict__ x, const REAL* __restrict__
 //   global loads are in flight during this slice's FMAs; one __syncthreads per slice), and
 //   im2col rows walked with (channel, tap row, tap column) counters instead of two integer
 //   divisions per gathered element. The launcher picks the tile per layer: the largest of
-//   _loader.PIPELINED_TILES that still gives every SM a block.
+//   _loader.PIPELINED_TILES that still gives every SM a block; when even the smallest does
+//   not and the reduction is long, it splits the reduction S ways (split-K): the same
+//   kernel, launched with grid.z = groups * S and slice_rows = R / S rounded up to BK, writes
+//   S raw partial outputs into a workspace, and conv2d_split_sum adds them in order.
 //   Bottleneck removed: shared-memory load issue (16 FMAs per 128-bit load instead of 2 per
 //   scalar load), exposed global-load latency (stage 2 waits for each tile before its FMAs),
-//   and the integer divisions of the gather.
+//   the integer divisions of the gather, and idle SMs on small outputs with long reductions
+//   (ResNet-50 at batch 8 on 132 SMs: res4 100 -> 200 blocks, res5 56 -> 168).
 //   Still lacks: tensor cores (TF32/FP64 MMA), cp.async / TMA copies, 128-bit global loads
 //   (weight rows of length (c/groups)*kh*kw are rarely 16-byte aligned; im2col is a gather),
-//   and split-K: small-P x small-K layers (ResNet-50 res4/res5 at batch 8) stay under-filled.
+//   and a split-K without the workspace round trip (CUTLASS's serial split-K / stream-K
+//   reduce in the GEMM kernel itself, behind a semaphore).
 //   Depthwise and thin groups (K/groups < 16) keep stage 2's narrow tile.
 //   Compile-checked and CPU-emulated only where it was written: no GPU timing yet.
 // ------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(0))
 conv2d_pipelined_0(const REAL* __restrict__ x, const REAL* __restrict__ wt,
-                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(0), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(0), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out, slice_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(1))
 conv2d_pipelined_1(const REAL* __restrict__ x, const REAL* __restrict__ wt,
-                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(1), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(1), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out, slice_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(2))
 conv2d_pipelined_2(const REAL* __restrict__ x, const REAL* __restrict__ wt,
-                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(2), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(2), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out, slice_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(3))
 conv2d_pipelined_3(const REAL* __restrict__ x, const REAL* __restrict__ wt,
-                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out)
+                   REAL* __restrict__ out, CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(3), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(3), false>(x, wt, nullptr, out, CONV_SHAPE, vec_out, slice_rows);
+}
+
+// Split-K's second pass for conv2d: out = the sum of the S partials (conv_pipelined.cuh).
+extern "C" __global__ void conv2d_split_sum(const REAL* __restrict__ ws, REAL* __restrict__ out,
+                                            int n, int k, int hw, int splits)
+{
+    conv_split_sum<false>(ws, nullptr, out, n, k, hw, splits);
 }

@@ -27,7 +27,13 @@ cupy = _loader.require_cupy()  # ImportError (with the reason) when there is no 
 
 CONV_DTYPE_NAMES = tuple(CONV_DTYPES)  # ("float32", "float64")
 NAIVE_THREADS = 256
+SPLIT_SUM_THREADS = 256  # split-K's second pass: one thread per output, like naive
 MAX_BLOCKS = 1 << 24  # grid-stride loops cover anything beyond this
+# Split-K keeps at least this many rows of the reduction per split (32 BK-deep slices of 8):
+# a split's main loop must stay long against its prologue (first fetch, decode) and its
+# epilogue (a store of every output it covers); ResNet-50's res4 / res5 (R = 2304 / 4608)
+# could split up to 9 / 18 ways, a 1x1 C64 layer (R = 64) not at all.
+MIN_SPLIT_ROWS = 256
 
 
 def defines(dtype) -> dict:
@@ -44,13 +50,16 @@ def shape_args(x, w, out, p) -> tuple:
                                        p.groups))
 
 
-def _launch_tile(filename: str, name: str, tile, arrays: tuple, x, w, out, p, *extra) -> None:
+def _launch_tile(filename: str, name: str, tile, arrays: tuple, x, w, out, p, *extra,
+                 splits: int = 1) -> None:
     """Launch kernel ``name`` of ``filename`` with block tile ``tile`` over the output:
-    grid (pixel tiles, channel tiles per group, groups), ``tile.threads`` threads a block."""
+    grid (pixel tiles, channel tiles per group, groups * splits), ``tile.threads`` threads a
+    block (``splits`` > 1: split-K, block z = split * groups + g; conv_pipelined.cuh)."""
     n, k, ho, wo = out.shape
     kg = k // p.groups
-    grid = _loader.check_grid((cdiv(n * ho * wo, tile.bn), cdiv(kg, tile.bm), p.groups),
-                              f"{name} with output {out.shape}, groups={p.groups}")
+    grid = _loader.check_grid(
+        (cdiv(n * ho * wo, tile.bn), cdiv(kg, tile.bm), p.groups * splits),
+        f"{name} with output {out.shape}, groups={p.groups}, splits={splits}")
     fn = _loader.kernel(filename, name, defines(out.dtype))
     with out.device:
         fn(grid, (tile.threads,), (*arrays, *shape_args(x, w, out, p), *extra))
@@ -85,8 +94,8 @@ def choose_pipelined_tile(dtype, kg: int, groups: int, pixels: int, sms: int) ->
     block per SM; when none does, the last (smallest), which gives the most blocks. Tiles
     taller than ``kg`` are skipped (unless no tile is that short): their extra channel rows
     would be pure padding, e.g. a 128-row tile on a 64-channel layer computes twice the
-    FMAs it needs. Small-pixel x small-channel layers stay under-filled: that would need
-    split-K, which the one-pass fused epilogue rules out.
+    FMAs it needs. Small-pixel x small-channel layers stay under-filled by every tile; for
+    those :func:`choose_split_k` splits the reduction.
     """
     tiles = PIPELINED_TILES[np.dtype(dtype).name]
     shortest = min(t.bm for t in tiles)
@@ -97,28 +106,104 @@ def choose_pipelined_tile(dtype, kg: int, groups: int, pixels: int, sms: int) ->
     return fitting[-1]
 
 
-def launch_pipelined(filename: str, prefix: str, narrow: str, arrays: tuple, x, w, out, p,
-                     tile: int | None = None) -> None:
-    """Launch ``<prefix>_<i>`` of ``filename``: tile i of ``PIPELINED_TILES[out.dtype]``.
+def choose_split_k(blocks: int, reduction: int, sms: int) -> int:
+    """How many ways to split the reduction of a layer whose chosen tile gives ``blocks``
+    blocks, each summing ``reduction`` = (C/groups)*kH*kW rows, on a GPU with ``sms`` SMs.
+
+    Rule: 1 (no split) when the tile already gives every SM a block; otherwise the smallest S
+    with ``blocks * S >= sms``, capped at ``reduction // MIN_SPLIT_ROWS`` so every split
+    still runs >= 256 rows (32 BK-slices) of the double-buffered loop. On an H200 (132 SMs),
+    ResNet-50 at batch 8 (float32, 64 x 64 tiles): res4 (3x3 C256 14x14, R = 2304) 100
+    blocks -> S = 2, 200 blocks; res5 (3x3 C512 7x7, R = 4608) 56 blocks -> S = 3, 168
+    blocks. Every other layer of the set already fills the GPU (S = 1). :func:`split_slices`
+    turns S into whole BK-slices per split (which may lower it).
+    """
+    if blocks <= 0 or blocks >= sms:
+        return 1
+    return max(1, min(cdiv(sms, blocks), reduction // MIN_SPLIT_ROWS))
+
+
+def split_slices(reduction: int, bk: int, splits: int) -> tuple[int, int]:
+    """(splits actually used, rows per split) for cutting ``reduction`` rows ``splits`` ways
+    on BK boundaries (the kernel's counters and its tail check assume a split starts on one).
+
+    Each split gets ``cdiv(cdiv(reduction, bk), splits)`` BK-slices; the last one the rest.
+    That can leave fewer non-empty splits than asked (R = 24 = 3 slices of 8, asked 2: 2
+    slices + 1; asked 5: 3 splits of one slice each), so the count is clamped to the
+    non-empty ones: no block ever runs an empty range. ValueError for ``splits`` < 1.
+    """
+    if not isinstance(splits, (int, np.integer)) or splits < 1:
+        raise ValueError(f"split-K: expected a positive number of splits, got {splits!r}")
+    slice_rows = cdiv(cdiv(reduction, bk), splits) * bk
+    return cdiv(reduction, slice_rows), slice_rows
+
+
+def launch_pipelined(filename: str, prefix: str, narrow: str, x, w, bias, out, p,
+                     tile: int | None = None, splits: int | None = None) -> None:
+    """Launch ``<prefix>_<i>`` of ``filename``: tile i of ``PIPELINED_TILES[out.dtype]``,
+    with the bias (None for conv2d) as the kernel's third array argument when given.
 
     ``tile=None`` picks i with :func:`choose_pipelined_tile` for this GPU's SM count, and
     hands depthwise / thin groups (K/groups < WIDE_MIN_CHANNELS) to kernel ``narrow`` (stage
     implicit_gemm's 1-channel tile). An explicit ``tile`` (the tests force each one) runs
     that tile whatever the shape. The kernel stores 128-bit vectors when every output row run
     it writes is aligned: ho*wo a multiple of the vector width and ``out`` 16-byte aligned.
+
+    Split-K: ``splits=None`` chooses S with :func:`choose_split_k` when the tile is chosen
+    too, and runs unsplit (S = 1) when the tile is forced; an explicit ``splits`` is clamped
+    by :func:`split_slices`. With S > 1, conv2d.cu's ``conv2d_pipelined_<i>`` (whichever
+    stage this is: the partials are raw sums) writes S partial outputs into a (S, N, K, Ho,
+    Wo) workspace from CuPy's memory pool on out's device (no cudaMalloc after the first
+    call of a size), and ``<filename stem>_split_sum`` adds them in order, applies this
+    stage's epilogue (bias + ReLU for the fused stage) and writes ``out`` once.
     """
     n, k, ho, wo = out.shape
     kg = k // p.groups
+    reduction = w.shape[1] * w.shape[2] * w.shape[3]  # R = (C/groups) * kH * kW
+    arrays = (x, w, out) if bias is None else (x, w, bias, out)
+    tiles = PIPELINED_TILES[out.dtype.name]
     if tile is None:
         if kg < WIDE_MIN_CHANNELS:
             _launch_tile(filename, narrow, CONV_TILES["narrow"], arrays, x, w, out, p)
             return
-        tile = choose_pipelined_tile(out.dtype, kg, p.groups, n * ho * wo,
-                                     sm_count(out.device.id))
-    vec = 16 // out.dtype.itemsize  # values per 128-bit store: float4 or double2
-    vec_out = (ho * wo) % vec == 0 and out.data.ptr % 16 == 0
-    _launch_tile(filename, f"{prefix}_{tile}", PIPELINED_TILES[out.dtype.name][tile], arrays,
-                 x, w, out, p, np.int32(vec_out))
+        sms = sm_count(out.device.id)
+        tile = choose_pipelined_tile(out.dtype, kg, p.groups, n * ho * wo, sms)
+        if splits is None:
+            blocks = cdiv(n * ho * wo, tiles[tile].bn) * cdiv(kg, tiles[tile].bm) * p.groups
+            splits = choose_split_k(blocks, reduction, sms)
+    splits, slice_rows = split_slices(reduction, tiles[tile].bk, 1 if splits is None else splits)
+    if splits == 1:
+        _launch_tile(filename, f"{prefix}_{tile}", tiles[tile], arrays, x, w, out, p,
+                     _vec_store(out), np.int32(slice_rows))
+    else:
+        _launch_split_k(filename, tile, splits, slice_rows, x, w, bias, out, p)
+
+
+def _vec_store(target) -> np.int32:
+    """The kernels' ``vec_out`` flag: 1 when every run of 16 bytes of output pixels it stores
+    is 16-byte aligned (Ho*Wo a multiple of the vector width, ``target`` 16-byte aligned)."""
+    ho, wo = target.shape[-2:]
+    vec = 16 // target.dtype.itemsize  # values per 128-bit store: float4 or double2
+    return np.int32((ho * wo) % vec == 0 and target.data.ptr % 16 == 0)
+
+
+def _launch_split_k(filename: str, tile: int, splits: int, slice_rows: int, x, w, bias, out,
+                    p) -> None:
+    """Split-K in two launches: S partial outputs into a workspace, then their sum into out."""
+    n, k, ho, wo = out.shape
+    with out.device:  # CuPy's pool: after the first call of a size, no cudaMalloc
+        ws = cupy.empty((splits, n, k, ho, wo), out.dtype)  # partial s: ws[s], out's layout
+    # Partials are raw sums whichever stage this is: conv2d.cu's kernel (no epilogue) writes
+    # them; partial s starts s*N*K*Ho*Wo values in, so vector alignment is as for ws[0].
+    _launch_tile("conv2d.cu", f"conv2d_pipelined_{tile}", PIPELINED_TILES[out.dtype.name][tile],
+                 (x, w, ws), x, w, out, p, _vec_store(ws), np.int32(slice_rows), splits=splits)
+    # The sum pass of this stage's file: conv2d_split_sum or conv2d_bias_relu_split_sum.
+    fn = _loader.kernel(filename, filename.removesuffix(".cu") + "_split_sum", defines(out.dtype))
+    grid = (min(cdiv(out.size, SPLIT_SUM_THREADS), MAX_BLOCKS),)
+    bias_arg = () if bias is None else (bias,)
+    with out.device:
+        fn(grid, (SPLIT_SUM_THREADS,),
+           (ws, *bias_arg, out, *(np.int32(v) for v in (n, k, ho * wo, splits))))
 
 
 @register("conv2d", "cupy", "naive", "direct convolution, one thread per output element",
@@ -161,11 +246,12 @@ def conv2d_implicit_gemm(x, w, out, p):
     launch_implicit_gemm("conv2d.cu", "conv2d_implicit_gemm", (x, w, out), x, w, out, p)
 
 
-def run_pipelined(x, w, out, p, tile: int | None = None) -> None:
-    """Stage pipelined with tile ``tile`` of ``_loader.PIPELINED_TILES`` forced (the tests run
-    every tile through here), or chosen by shape when None (the registered stage)."""
-    launch_pipelined("conv2d.cu", "conv2d_pipelined", "conv2d_implicit_gemm_narrow", (x, w, out),
-                     x, w, out, p, tile)
+def run_pipelined(x, w, out, p, tile: int | None = None, splits: int | None = None) -> None:
+    """Stage pipelined with tile ``tile`` of ``_loader.PIPELINED_TILES`` and ``splits``-way
+    split-K forced (the tests run every tile and several splits through here), or chosen by
+    shape when None (the registered stage); see :func:`launch_pipelined`."""
+    launch_pipelined("conv2d.cu", "conv2d_pipelined", "conv2d_implicit_gemm_narrow", x, w, None,
+                     out, p, tile, splits)
 
 
 @register("conv2d", "cupy", "pipelined",
@@ -187,16 +273,26 @@ def conv2d_pipelined(x, w, out, p):
     per level, instead of two integer divisions per gathered element. The tile is chosen per
     layer by occupancy (:func:`choose_pipelined_tile`): the largest of 128x128, 128x64,
     64x128, 64x64 (float64: 64x64 down to 32x32, 4 x 4 or 2 x 4 per thread, since a double
-    takes two registers) that still gives each of the GPU's SMs a block.
+    takes two registers) that still gives each of the GPU's SMs a block; (5) split-K where
+    even the smallest tile leaves SMs idle and the reduction is long
+    (:func:`choose_split_k`): the same kernel, launched over groups * S z-blocks, sums S
+    BK-aligned slices of R into a (S, N, K, Ho, Wo) workspace, and a second, elementwise
+    kernel adds the S partials in a fixed order (deterministic, no atomics) into ``out``.
     Depthwise / thin groups (K/groups < 16) keep stage 2's 1-channel tile.
     Bottleneck removed: shared-memory load issue per FMA, global-load latency exposed
-    between tiles, and the gather's integer divisions.
+    between tiles, the gather's integer divisions, and idle SMs on layers with few pixels
+    and few channels but long reductions: ResNet-50 at batch 8 on an H200's 132 SMs, res4
+    (3x3 C256 14x14, R = 2304) goes from 100 blocks of 64 x 64 to 2 x 100 = 200, res5 (3x3
+    C512 7x7, R = 4608) from 56 to 3 x 56 = 168. The price: the S partials are written and
+    read once more (res4: 2 x 1.6 MB, res5: 3 x 0.8 MB, each way) plus a second launch,
+    small against the 1.85 GFLOP of either layer.
     Still lacks: tensor cores (TF32 / FP64 MMA), cp.async / TMA copies, 128-bit global loads,
-    and split-K, so layers with few pixels and few channels (ResNet-50 res4/res5 at batch 8:
-    56-100 blocks of 64 x 64 for 132 SMs) leave SMs idle.
-    Registers (ptxas, nvcc 13.0, sm_90): float32 179 / 121 / 109 / 79 for the four tiles
+    and a split-K that reduces inside the GEMM kernel (CUTLASS's serial split-K, stream-K)
+    instead of through a workspace; the tile is not re-chosen once a layer is split (a
+    larger tile split more ways would reuse more per load).
+    Registers (ptxas, nvcc 13.0, sm_90): float32 157 / 107 / 109 / 64 for the four tiles
     (the 128 x 128 tile fits one 256-thread block per SM, the others two or more); float64
-    128 / 126 / 78 / 140; no spills. Compile-checked and CPU-emulated only where it was
-    written (no GPU): it is designed to buy the above, not measured to.
+    128 / 106 / 78 / 138; the split sum 32; no spills. Compile-checked and CPU-emulated only
+    where it was written (no GPU): it is designed to buy the above, not measured to.
     """
     run_pipelined(x, w, out, p)

@@ -7,8 +7,8 @@
 // (fastops.registry.derive_unfused_conv_bias_relu).
 //
 // Register use (nvcc 13.0 -arch=sm_90 -Xptxas -v, float / double, no spills):
-//   conv2d_bias_relu_fused_0 130 / 128, _1 107 / 126, _2 103 / 78, _3 64 / 136,
-//   conv2d_bias_relu_fused_narrow 48 / 48.
+//   conv2d_bias_relu_fused_0 130 / 124, _1 107 / 96, _2 103 / 78, _3 63 / 132,
+//   conv2d_bias_relu_fused_narrow 48 / 48, conv2d_bias_relu_split_sum 34 / 34.
 
 #include "conv_pipelined.cuh"
 
@@ -24,39 +24,56 @@
 //   Tiles: the launcher picks one of _loader.PIPELINED_TILES per layer as for pipelined;
 //   depthwise / thin groups (K/groups < 16) use stage implicit_gemm's narrow tile with the
 //   same epilogue (conv2d_bias_relu_fused_narrow).
-//   Still lacks: what pipelined lacks (tensor cores, cp.async, split-K for small layers).
+//   Split-K: where pipelined splits the reduction (no tile fills the SMs, R >= 512), the
+//   partials come from conv2d.cu's conv2d_pipelined_<i> and conv2d_bias_relu_split_sum adds
+//   them, the bias and the ReLU in one pass: one extra write + read of S partial outputs
+//   (ResNet-50 res5 at batch 8: S = 3 partials of 8*512*49 floats = 0.8 MB each, 4.8 MB of
+//   extra traffic against 1.85 GFLOP) and a second launch, in exchange for 168 busy blocks
+//   instead of 56 on 132 SMs. Every layer that fills the GPU keeps the one-pass epilogue.
+//   Still lacks: what pipelined lacks (tensor cores, cp.async, split-K without a workspace).
 //   Compile-checked and CPU-emulated only where it was written: no GPU timing yet.
 // ------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(0))
 conv2d_bias_relu_fused_0(const REAL* __restrict__ x, const REAL* __restrict__ wt,
                          const REAL* __restrict__ bias, REAL* __restrict__ out,
-                         CONV_SHAPE_PARAMS, int vec_out)
+                         CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(0), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(0), true>(x, wt, bias, out, CONV_SHAPE, vec_out, slice_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(1))
 conv2d_bias_relu_fused_1(const REAL* __restrict__ x, const REAL* __restrict__ wt,
                          const REAL* __restrict__ bias, REAL* __restrict__ out,
-                         CONV_SHAPE_PARAMS, int vec_out)
+                         CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(1), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(1), true>(x, wt, bias, out, CONV_SHAPE, vec_out, slice_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(2))
 conv2d_bias_relu_fused_2(const REAL* __restrict__ x, const REAL* __restrict__ wt,
                          const REAL* __restrict__ bias, REAL* __restrict__ out,
-                         CONV_SHAPE_PARAMS, int vec_out)
+                         CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(2), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(2), true>(x, wt, bias, out, CONV_SHAPE, vec_out, slice_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(PIPE_THREADS(3))
 conv2d_bias_relu_fused_3(const REAL* __restrict__ x, const REAL* __restrict__ wt,
                          const REAL* __restrict__ bias, REAL* __restrict__ out,
-                         CONV_SHAPE_PARAMS, int vec_out)
+                         CONV_SHAPE_PARAMS, int vec_out, int slice_rows)
 {
-    conv_pipelined<PIPE_TILE(3), true>(x, wt, bias, out, CONV_SHAPE, vec_out);
+    conv_pipelined<PIPE_TILE(3), true>(x, wt, bias, out, CONV_SHAPE, vec_out, slice_rows);
+}
+
+// Split-K's second pass for the fused stage: the partials come from conv2d.cu's
+// conv2d_pipelined_<i> (raw sums, no epilogue); this adds them in split order, then the bias,
+// then the NaN-keeping ReLU, and writes out once (conv_split_sum, conv_pipelined.cuh).
+extern "C" __global__ void conv2d_bias_relu_split_sum(const REAL* __restrict__ ws,
+                                                      const REAL* __restrict__ bias,
+                                                      REAL* __restrict__ out, int n, int k,
+                                                      int hw, int splits)
+{
+    conv_split_sum<true>(ws, bias, out, n, k, hw, splits);
 }
 
 // Depthwise / thin groups: stage 2's 1-channel x 256-pixel tile with the fused epilogue.

@@ -34,7 +34,18 @@
 // contiguous bytes of an output row per instruction with 128-bit stores (when ho*wo % 4 == 0
 // and out is 16-byte aligned) or 4 interleaved scalar instructions otherwise.
 //
-// Grid: (cdiv(P, BN), cdiv(Kg, BM), groups), block (NT,), NT = (BM/TM) * (BN/TN).
+// Split-K (CUTLASS's "parallel split-K": GemmSplitKParallel + a reduction kernel):
+// a layer whose best tile still gives fewer blocks than the GPU has SMs (ResNet-50 res5 at
+// batch 8: 56 blocks of 64 x 64 for 132 SMs) is run as S launches' worth of blocks in one
+// grid, block z = split * groups + g summing only rows [split * slice_rows, (split + 1) *
+// slice_rows) of R, slice_rows a multiple of BK (so every split but the last is whole BK
+// slices and the counters above start on a slice boundary). Each split stores its partial
+// output raw (the conv2d epilogue) into slice `split` of a (S, n, k, ho, wo) workspace;
+// conv_split_sum (below) then adds the S partials in a fixed order (no atomics: the result
+// does not depend on block timing), applies the bias + ReLU when fused, and writes out once.
+// Unsplit launches pass slice_rows >= R and grid.z = groups: split = 0, the whole reduction.
+//
+// Grid: (cdiv(P, BN), cdiv(Kg, BM), groups * S), block (NT,), NT = (BM/TM) * (BN/TN).
 // Shared memory: 2 * BK * ((BM + VEC) + BN) values = 16640 B for float32 128 x 128 x 8.
 #pragma once
 #include "conv_implicit_gemm.cuh"
@@ -97,12 +108,14 @@ __device__ __forceinline__ void advance(const ConvShape& s, const TapPos step, T
     if (pos.ki >= s.kh) pos.ki -= s.kh, ++pos.ci;
 }
 
+// BIAS_RELU only with one split (grid.z = groups): a split launch stores raw partials
+// (BIAS_RELU = false) and leaves the bias + ReLU to conv_split_sum.
 template <int BM, int BN, int BK, int TM, int TN, bool BIAS_RELU>
 __device__ __forceinline__ void conv_pipelined(const REAL* __restrict__ x,
                                                const REAL* __restrict__ wt,
                                                const REAL* __restrict__ bias,
                                                REAL* __restrict__ out, const ConvShape s,
-                                               bool vec_out)
+                                               bool vec_out, int slice_rows)
 {
     constexpr int NT = (BM / TM) * (BN / TN);
     constexpr int A_LOADS = BM * BK / NT;    // weights each thread stages per slice
@@ -126,10 +139,17 @@ __device__ __forceinline__ void conv_pipelined(const REAL* __restrict__ x,
     const int cg = s.c / s.groups, kg = s.k / s.groups;
     const int R = cg * s.kh * s.kw;
     const idx_t P = (idx_t)s.n * s.ho * s.wo;
-    const int g = blockIdx.z;
+    const int g = blockIdx.z % s.groups, split = blockIdx.z / s.groups;
     const int m0 = blockIdx.y * BM;           // first output channel of the tile, in group g
     const idx_t p0 = (idx_t)blockIdx.x * BN;  // first output pixel of the tile
     const REAL* w_grp = wt + (idx_t)g * kg * R;  // (kg, R) weight rows of group g
+    // This block's part of the reduction: rows [r_begin, r_begin + slice_rows) of R, clipped
+    // to R. r_begin is a multiple of BK (the launcher's slice_rows is), so the only partial
+    // BK slice is the reduction's tail, which the r < R checks below already zero.
+    const int r_begin = split * slice_rows;
+    const int rows = slice_rows < R - r_begin ? slice_rows : R - r_begin;  // last split: less
+    const int slices = cdiv(rows, BK);
+    out += split * P * s.k;  // partial `split` of the (S, n, k, ho, wo) workspace (or out)
 
     // ---- gather state: one pixel column of the im2col tile, B_LOADS rows of it per slice
     const int b_col = threadIdx.x % BN, b_row0 = threadIdx.x / BN;
@@ -138,7 +158,8 @@ __device__ __forceinline__ void conv_pipelined(const REAL* __restrict__ x,
     const REAL* x_slab = x + ((idx_t)o.img * s.c + (idx_t)g * cg) * s.h * s.w;  // (cg, h, w)
     TapPos row[B_LOADS];  // this thread's rows b_row0 + i * B_ROW_STEP of the current slice
 #pragma unroll
-    for (int i = 0; i < B_LOADS; ++i) row[i] = decode_row(s, b_row0 + i * B_ROW_STEP);
+    for (int i = 0; i < B_LOADS; ++i)
+        row[i] = decode_row(s, r_begin + b_row0 + i * B_ROW_STEP);
     const TapPos slice_step = decode_row(s, BK);  // BK rows on, in the same mixed radix
 
     REAL a_stage[A_LOADS], b_stage[B_LOADS];  // slice t+1 in flight from global memory
@@ -181,14 +202,13 @@ __device__ __forceinline__ void conv_pipelined(const REAL* __restrict__ x,
     REAL acc[TM][TN] = {};
     REAL a_frag[TM], b_frag[TN];
 
-    const int slices = cdiv(R, BK);
-    fetch(0);
+    fetch(r_begin);
     stash(0);
     __syncthreads();
     for (int t = 0; t < slices; ++t) {
         const int cur = t & 1;
-        const bool more = t + 1 < slices;  // uniform across the block
-        if (more) fetch((t + 1) * BK);     // in flight during the FMAs below
+        const bool more = t + 1 < slices;         // uniform across the block
+        if (more) fetch(r_begin + (t + 1) * BK);  // in flight during the FMAs below
 #pragma unroll
         for (int r = 0; r < BK; ++r) {
 #pragma unroll
@@ -245,5 +265,33 @@ __device__ __forceinline__ void conv_pipelined(const REAL* __restrict__ x,
                         out[base + ko[i] * hw] = epilogue<BIAS_RELU>(acc[i][q * VEC + j], b[i]);
             }
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Split-K's second pass: out[o] = epilogue(ws[0][o] + ws[1][o] + ... + ws[S-1][o]) for each of
+// the n*k*ho*wo outputs o, ws the (S, n, k, ho, wo) partials of conv_pipelined's split launch.
+// One thread per output (grid-stride, ow fastest): consecutive threads read consecutive
+// addresses of each partial and write consecutive outputs, all coalesced. The partials are
+// added in split order 0, 1, ..., S-1 by one thread, so the result is the same on every run
+// (atomicAdd into out would make it depend on which block finished first). A NaN or Inf in
+// any partial reaches the sum, as in the one-pass kernel.
+// ------------------------------------------------------------------------------------------
+// Launch: block (256,), grid cdiv(n*k*ho*wo, 256) capped (the loop covers the rest);
+// ws (splits, n, k, hw), out (n, k, hw), hw = ho*wo.
+template <bool BIAS_RELU>
+__device__ __forceinline__ void conv_split_sum(const REAL* __restrict__ ws,
+                                               const REAL* __restrict__ bias,
+                                               REAL* __restrict__ out, int n, int k, int hw,
+                                               int splits)
+{
+    const idx_t total = (idx_t)n * k * hw;
+    for (idx_t o = blockIdx.x * (idx_t)blockDim.x + threadIdx.x; o < total;
+         o += (idx_t)gridDim.x * blockDim.x) {
+        REAL sum = ws[o];
+        for (int i = 1; i < splits; ++i) sum += ws[i * total + o];
+        // Output channel of o in (n, k, ho, wo): two divisions, against S loads per output.
+        const REAL b = BIAS_RELU ? bias[(o / hw) % k] : REAL(0);
+        out[o] = epilogue<BIAS_RELU>(sum, b);
     }
 }
