@@ -8,9 +8,9 @@ What you will learn, stage by stage:
    ``out`` contiguously with independent iterations, so LLVM emits packed FMAs.
 3. ``parallel``: the same rows, shared out over the cores with ``prange``.
 4. ``tiled``: cache blocking, packing and register blocking, the structure of every fast GEMM
-   (Goto/BLIS): a KC x NC block of ``b`` is copied into contiguous NR-wide panels that stay in
-   L2, an MC x KC block of ``a`` into MR-tall panels, and a MR x NR block of ``out`` lives in
-   registers for a whole KC-long reduction.
+   (Goto/BLIS): each thread copies a KC x NC block of ``b`` into contiguous NR-wide panels in
+   its L2 right before using it, MR rows of ``a`` stream from L1, and a MR x NR block of
+   ``out`` lives in registers for a whole KC-long reduction.
 
 Calling convention (fastops.registry): ``kernel(a, b, out)`` with a (M, K), b (K, N),
 out (M, N), all C-contiguous, one dtype (float32 or float64). Numba compiles one version per
@@ -36,13 +36,22 @@ from ._common import FASTMATH, jit, serialised, stack_vector
 MR = 6
 NR = 32
 # Cache blocks, sized for this machine (AMD EPYC Zen 4: L1d 32 KiB and L2 1 MiB per core, L3
-# 32 MiB shared). The MR-row A sliver (KC x MR x 4 B = 6 KiB) stays in L1 while the micro-kernel
-# sweeps every B panel of the block (KC x NR x 4 B = 32 KiB each, streamed from L2: two zmm
-# loads per 12 FMAs); the packed KC x NC block of B (256 x 512 x 4 B = 512 KiB; float64 uses
-# NC / 2 columns, same bytes) fills half of L2, the rest is for the A rows and the out tile
-# passing through. A is read in place (no MC block): with B packed per block, each A sliver
-# is used for all the block's panels while it is in L1 and not again until the next block.
-KC = 256
+# 32 MiB shared). The MR-row A sliver (KC x MR x 4 B = 12 KiB) stays in L1 while the
+# micro-kernel sweeps every B panel of the block (KC x NR x 4 B = 64 KiB each, streamed from L2:
+# two zmm loads per 12 FMAs). The packed KC x NC block of B is 512 x 512 x 4 B = 1 MiB (float64
+# takes NC / 2 columns: the same bytes), all of L2 on paper; a half-L2 block measured slower all
+# the same. K is cut into equal blocks of at most KC (768 = 2 x 384), so no runt block pays a
+# whole pass over ``out``. A is read in place and there is no MC block: with B packed per
+# block, each A sliver serves all of the block's panels while it is in L1, then is done.
+# Measured (float32, 2 threads, GFLOP/s, interleaved medians of 21, /tmp sweep, load 2.7 rising
+# to 13 by the last shape), KC x NC:      256x512  512x256  512x512   NumPy
+#   196 x 768 x 3072 (K = 768: 384 + 384)    144      143      146      148
+#   1024 x 1024 x 1024                       162      173      177      174
+#   2048 x 2048 x 2048                       155      165      176      191
+#   64 x 512 x 512                           139      150      151      124
+# Longer KC halves the read-modify-write passes over ``out`` and the micro-kernel calls; wider
+# NC means fewer column blocks, so A is streamed from L3 fewer times.
+KC = 512
 NC = 512
 
 
@@ -289,18 +298,21 @@ def _matmul_tiled(a, b, out, threads):
     tiles_m = (m + mc - 1) // mc
     tiles_n = (n + nc - 1) // nc
     tiles = tiles_m * tiles_n
+    # K in equal blocks of at most KC: 768 as 384 + 384, not 512 + 256.
+    k_blocks = (k + KC - 1) // KC
+    kc_max = (k + k_blocks - 1) // k_blocks
     no_bias = np.empty(0, dtype=out.dtype)
     a_edge = padded_rows(a, m - m % MR, m % MR)  # (MR, K): the last, short row block
     for t in prange(threads):  # one iteration per thread, each with its own packing buffer
-        # (nc/NR, KC, NR): one packed KC x nc block of B, this thread's, in L2
-        bpk = np.empty(((nc + NR - 1) // NR, KC, NR), dtype=b.dtype)
+        # (nc/NR, kc_max, NR): one packed block of B, this thread's, in L2
+        bpk = np.empty(((nc + NR - 1) // NR, kc_max, NR), dtype=b.dtype)
         for tile in range(tiles * t // threads, tiles * (t + 1) // threads):
             row0 = (tile // tiles_n) * mc
             col0 = (tile % tiles_n) * nc
             rows = min(mc, m - row0)
             cols = min(nc, n - col0)
-            for k0 in range(0, k, KC):
-                kc = min(KC, k - k0)
+            for k0 in range(0, k, kc_max):
+                kc = min(kc_max, k - k0)
                 # Packed by the thread that uses it, right before use: the block goes
                 # straight into this core's L2, and one thread's packing overlaps the other's
                 # FMAs instead of a serial pass over all of B before any FMA.
@@ -345,33 +357,36 @@ def _matmul_skinny(a, b, out):
                     orow[j] += aip * brow[j]
 
 
-@register("matmul", "numba", "tiled", "packed B/A panels in L2/L1, 6x32 register-blocked micro-kernel")
+@register("matmul", "numba", "tiled",
+          "B packed block by block by the thread that uses it, 6x32 register micro-kernel")
 def matmul_tiled(a, b, out):
     """Stage 4 · tiled.
 
     Changed since `parallel`: the GEMM is blocked for every level of the memory hierarchy
     (Goto/BLIS). ``out`` is cut into mc x nc tiles, the same number for every thread
-    (:func:`tile_grid`); for each KC slice of the reduction the thread that owns a tile packs
-    its KC x nc block of ``b`` into NR-wide contiguous panels (512 KiB: L2), then the
-    micro-kernel holds an MR x NR = 6 x 32 block of ``out`` in registers for the whole
-    KC-long reduction, doing 192 FMAs per 38 loads, with A's MR rows read in place (L1).
+    (:func:`tile_grid`). For each KC slice of the reduction, the thread that owns a tile packs
+    its KC x nc block of ``b`` into NR-wide contiguous panels (in its own L2), then for every
+    MR rows of ``a`` (read in place, in L1) the micro-kernel sweeps the block's panels, holding
+    an MR x NR = 6 x 32 block of ``out`` in registers for the whole KC-long reduction: 192 FMAs
+    per 38 loads.
     Bottleneck removed: memory traffic. ``out`` is written once per KC slice instead of once per
     k; each B value loaded from L2 feeds MR=6 FMAs, each A value NR=32.
     Fewer than MR rows (a batch-1 linear layer) take a skinny path instead, :func:`_matmul_skinny`:
     column strips over the threads, b streamed once, no packing.
-    Why per-block packing by the owner: this stage used to pack all of ``b`` up front, every
-    thread together, panel by panel, before any FMA. On the ViT MLP shape 196 x 768 x 3072
-    (B = 9.4 MB) that pack alone took 3.6 ms of a 9.9 ms product (interleaved medians, 2
-    threads, load ~4): the panel-by-panel walk reads 128 bytes per row of b and jumps N
-    floats to the next, so the prefetchers never get going. Packing row by row, one KC x nc
-    block at a time by the thread that then uses it, copies the same 9.4 MB in 1.2 ms, into
-    the L2 that will read it; the FMAs alone take 5.2 ms (177 GFLOP/s).
-    Still missing: the copy of the next block is not overlapped with this block's FMAs (no
-    prefetch); zmm register pressure caps MR x NR; edge tiles compute on zero padding.
-    Tile sizes: see the constants at the top (MR x NR = 6 x 32, KC = 256, NC = 512).
-    Measured (2 threads, float32, interleaved medians of 15 in one process, load ~3.5,
-    /tmp probe): 196 x 768 x 3072 9.9 -> 6.8 ms (0.59 -> 0.87-0.96x NumPy), N=1024 0.85 ->
-    0.90x, N=256 1.20 -> 1.30x, float64 196 x 768 x 3072 0.69 -> 0.90x.
+    Why B is packed block by block, by its user: this stage used to pack all of ``b`` up front,
+    both threads together, panel by panel, before any FMA. On the ViT MLP shape
+    196 x 768 x 3072 (B = 9.4 MB) that pack took 3.6 ms of a 9.9 ms product, while the FMAs
+    ran at 138-177 GFLOP/s: walking a panel reads 128 bytes of a row of ``b`` and jumps N
+    floats to the next, so the prefetchers never get going. :func:`_pack_b` walks the block
+    row by row instead (the same 9.4 MB in 1.2 ms), one block at a time, into the L2 of the
+    thread that then reads it, and :func:`tile_grid` splits columns before rows so every
+    element of ``b`` is packed once.
+    Still missing: the copy of the next block is not overlapped with this block's FMAs; zmm
+    register pressure caps MR x NR; edge tiles compute on zero padding.
+    Tile sizes: the constants at the top (MR x NR = 6 x 32, KC = 512, NC = 512), with the sweep.
+    Measured (2 threads, float32, interleaved medians in one process, /tmp probes, load 3-5):
+    196 x 768 x 3072 with all of B packed up front 9.9 ms (0.59x NumPy), packed per block
+    (KC = 256) 6.2-6.8 ms (0.87-0.96x); N=1024 0.85 -> 0.90x, N=256 1.20 -> 1.30x.
     """
     # a: (M, K)  b: (K, N)  out: (M, N)
     if a.shape[0] < MR:
