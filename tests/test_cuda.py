@@ -302,14 +302,50 @@ EMULATION_PRELUDE = r"""
 // CPU emulation of the CUDA execution model, enough for fastops' kernels: a block's threads
 // are std::threads meeting at a std::barrier; blocks run one after another, so __shared__
 // arrays can be function-static. No warp-level operations are used by the kernels.
+//
+// Barrier-order mode (fastops_emu_set_order(1 or 2)): between two __syncthreads the block's
+// threads run one at a time, each up to its next barrier (or its end), in thread order
+// (1) or in reverse (2). Every shared-memory race that a barrier should have prevented
+// then happens deterministically in one of the two orders: a thread that reads what
+// another writes in the same barrier interval runs before the writer in one of them and
+// reads the stale value (a missing __syncthreads in a double-buffered loop, a tree
+// reduction without its barriers). Free-running threads (0, the default) meet such races
+// only by chance.
 #include <barrier>
+#include <memory>
+#include <semaphore>
 #include <thread>
 #include <vector>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 static dim3 blockIdx, blockDim, gridDim;
 static thread_local dim3 threadIdx;
 static std::barrier<>* emu_barrier;
-static inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+static int emu_order = 0;  // 0 free-running, 1 serialised in thread order, 2 in reverse
+extern "C" void fastops_emu_set_order(int order) { emu_order = order; }
+namespace turnstile {
+// Only the thread holding the turn runs, so the state needs no lock; each position waits on
+// its own semaphore (waking every thread at each hand-over would cost threads^2 wake-ups).
+static std::vector<char> state;  // per position: 0 to run this interval, 1 at the barrier, 2 done
+static std::vector<std::binary_semaphore*> go;
+static thread_local unsigned pos;
+static void pass_on() {  // hand the turn to the next position still to run this interval
+    const unsigned n = state.size();
+    unsigned p = pos + 1;
+    while (p < n && state[p] != 0) ++p;
+    if (p == n) {  // every thread is at the barrier or done: the next interval begins
+        for (auto& s : state) if (s == 1) s = 0;
+        p = 0;
+        while (p < n && state[p] != 0) ++p;
+    }
+    if (p < n) go[p]->release();
+}
+static void start(unsigned p) { pos = p; go[pos]->acquire(); }
+static void sync() { state[pos] = 1; pass_on(); go[pos]->acquire(); }
+static void finish() { state[pos] = 2; pass_on(); }
+}  // namespace turnstile
+static inline void __syncthreads() {
+    if (emu_order) turnstile::sync(); else emu_barrier->arrive_and_wait();
+}
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -330,12 +366,21 @@ template <class F> static void emulate(dim3 grid, dim3 block, F body) {
         blockIdx = {bx, by, bz};
         std::barrier<> bar(nt);
         emu_barrier = &bar;
+        std::vector<std::unique_ptr<std::binary_semaphore>> sems;
+        turnstile::state.assign(nt, 0);
+        turnstile::go.clear();
+        for (unsigned p = 0; p < nt; ++p) {  // position 0 holds the first turn
+            sems.push_back(std::make_unique<std::binary_semaphore>(p == 0 ? 1 : 0));
+            turnstile::go.push_back(sems.back().get());
+        }
         std::vector<std::thread> threads;
         threads.reserve(nt);
         for (unsigned t = 0; t < nt; ++t)
             threads.emplace_back([&, t] {
                 threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                if (emu_order) turnstile::start(emu_order == 1 ? t : nt - 1 - t);
                 body();
+                if (emu_order) turnstile::finish();
             });
         for (auto& th : threads) th.join();
     }
@@ -366,18 +411,51 @@ class EmuArray(np.ndarray):
         return _EmuDevice()
 
 
+GUARD_BYTES = 256  # of 0xFF on each side of every emulated device allocation
+
+
+class _GuardedBuffer(np.ndarray):
+    """The bytes of one emulated device allocation; ``guard_span`` = (first data byte, end)."""
+
+
 def emu(array):
-    return np.ascontiguousarray(array).view(EmuArray)
+    """``array`` copied into an emulated device allocation: 64-byte aligned, between guard
+    zones of 0xFF bytes. Those bytes are a NaN in float32 and float64, so a kernel that reads
+    past an array's ends puts NaN into its result (the oracle check fails), and one that
+    writes there is caught by :func:`check_guards` after every launch."""
+    host = np.ascontiguousarray(array)
+    raw = np.full(host.nbytes + 2 * GUARD_BYTES + 64, 0xFF, np.uint8).view(_GuardedBuffer)
+    first = GUARD_BYTES + (-raw.__array_interface__["data"][0]) % 64
+    raw.guard_span = (first, first + host.nbytes)
+    dev = np.asarray(raw[first:first + host.nbytes]).view(host.dtype).reshape(host.shape)
+    dev[...] = host
+    return dev.view(EmuArray)
+
+
+def check_guards(array, kernel):
+    """The guard zones around the emulated allocation ``array`` lives in are untouched."""
+    base = array
+    while base is not None and getattr(base, "guard_span", None) is None:
+        base = base.base
+    if base is None:
+        return
+    first, end = base.guard_span
+    raw = np.asarray(base)
+    for zone, where in ((raw[:first], "before"), (raw[end:], "after")):
+        bad = np.flatnonzero(zone != 0xFF)
+        assert bad.size == 0, f"{kernel} wrote {bad.size} bytes {where} an array it was passed"
 
 
 class _EmuKernel:
     last_launch = None  # (kernel name, grid, block) of the latest launch, for the tests
     launches: list = []  # every launch, in order (tests that need more than the last clear it)
+    order = 0  # barrier-order mode of the launches (EMULATION_PRELUDE): 0, 1 or 2
 
     def __init__(self, lib, name, params):
         self.name, self.params = name, params
         self.fn = getattr(lib, f"fastops_launch_{name}")
         self.fn.restype = None
+        self.set_order = lib.fastops_emu_set_order
 
     def __call__(self, grid, block, args):
         grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -398,7 +476,11 @@ class _EmuKernel:
                 assert ptype == "int" and isinstance(value, np.int32), (ptype, type(value))
                 holders.append(ctypes.c_int(int(value)))
         argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        self.set_order(_EmuKernel.order)
         self.fn(*[ctypes.c_uint(v) for v in grid + block], argv)
+        for value in args:
+            if isinstance(value, np.ndarray):
+                check_guards(value, self.name)
 
 
 class _EmuModule:
@@ -638,6 +720,32 @@ def test_emulated_pipelined_every_tile(emulated, dtype, tile, rng):
         # ho*wo % 4 == 0 but out not 16-byte aligned: the scalar store path.
         check_conv(_pipelined_runner(module, fused, tile, misaligned=True), PIPELINED_CASES[1],
                    dtype, rng, f"{what} misaligned out", fused=fused)
+
+
+@pytest.mark.parametrize("order", [1, 2], ids=["threads-in-order", "threads-reversed"])
+def test_emulated_barrier_orders(emulated, order, rng, monkeypatch):
+    """Every kernel that shares data through shared memory, with the block's threads run one
+    at a time between barriers in thread order and in reverse (EMULATION_PRELUDE): a missing
+    or misplaced __syncthreads then gives a stale read, deterministically, in one of the two
+    orders. Small shapes: the serialised threads hand over at every barrier."""
+    monkeypatch.setattr(_EmuKernel, "order", order)
+    what = f"barrier order {order}"
+    for stage in MATMUL_LADDER[2:]:  # smem onwards stage tiles in shared memory
+        run = _emulated_matmul(emulated[("matmul", stage)].kernel)
+        check_matmul(run, (33, 68, 20), rng, f"{what} matmul/{stage}")
+    for op, stage in [("conv2d", "implicit_gemm"), ("conv2d", "pipelined"),
+                      ("conv2d_bias_relu", "fused")]:
+        run = _emulated_conv(emulated[(op, stage)].kernel, fused=op != "conv2d")
+        for case in (CONV_CASES[3], CONV_CASES[6]):  # narrow tile (depthwise); 36+ slices
+            check_conv(run, case, np.float32, rng, f"{what} {op}/{stage} {_case_id(case)}",
+                       fused=op != "conv2d")
+    for tile in range(_loader.PIPELINED_SLOTS):
+        run = _pipelined_runner("fastops.kernels.cuda.conv2d_bias_relu", True, tile)
+        check_conv(run, PIPELINED_CASES[1], np.float64, rng, f"{what} fused tile {tile}",
+                   fused=True)
+    case, tile, _asks = SPLIT_CASES[0]
+    run = _pipelined_runner("fastops.kernels.cuda.conv2d_bias_relu", True, tile, splits=3)
+    check_conv(run, case, np.float32, rng, f"{what} split-K", fused=True)
 
 
 def test_pipelined_tile_table():
