@@ -14,9 +14,14 @@ Four layers, so that most of the backend is checked on machines without a GPU:
    every candidate tile of the warptiled stage and every tile of the pipelined conv stage
    (forced, on shapes that exercise each carry of its im2col counters) and its split-K path
    (S forced to 2, 3 and beyond the reduction's slice count, both stages) is checked against
-   the float64 oracle: grids, index math, bounds checks and tile loops are exercised for real;
-   only warp timing and memory-model subtleties are not (skipped without g++). The stand-in
-   device reports an H200's 132 SMs, which the pipelined stage's tile choice reads.
+   the float64 oracle: grids, index math, bounds checks and tile loops are exercised for real.
+   Every emulated array sits between guard zones of NaN bytes, so a read past its ends that
+   reaches a result, or any write there, fails the test; and the barrier-order test runs each
+   shared-memory kernel with its threads serialised between barriers, in thread order and
+   reversed, so a missing __syncthreads gives a stale read deterministically. Warp timing
+   and the weaker orderings of the real memory model are not exercised (skipped without
+   g++). The stand-in device reports an H200's 132 SMs, which the pipelined stage's tile
+   choice reads.
 4. On a machine with CuPy and a GPU, every registered cupy stage is checked against the
    oracle through the public API: CuPy in -> CuPy out on the same device, NumPy in -> NumPy out;
    every warptile candidate runs through its launcher (what benchmarks/gpu_bench.py sweeps),
