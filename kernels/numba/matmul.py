@@ -293,7 +293,7 @@ def tile_grid(m, n, nc_max, threads):
 def _matmul_tiled(a, b, out, threads):
     m, k = a.shape
     n = b.shape[1]
-    # NC counts float32 columns; float64 takes half as many, so a block is 512 KiB either way.
+    # NC counts float32 columns; float64 takes half as many: the same bytes per block.
     mc, nc = tile_grid(m, n, NC * 4 // b.itemsize, threads)
     tiles_m = (m + mc - 1) // mc
     tiles_n = (n + nc - 1) // nc
@@ -314,12 +314,12 @@ def _matmul_tiled(a, b, out, threads):
             for k0 in range(0, k, kc_max):
                 kc = min(kc_max, k - k0)
                 # Packed by the thread that uses it, right before use: the block goes
-                # straight into this core's L2, and one thread's packing overlaps the other's
-                # FMAs instead of a serial pass over all of B before any FMA.
+                # straight into this core's L2 instead of a serial pass over all of B, out to
+                # DRAM and back, before any FMA; each element of b is copied once.
                 _pack_b(b, k0, kc, col0, cols, bpk)
-                for r in range(row0, row0 + rows, MR):  # MR rows of A (kc x MR, 6 KiB) in L1 ...
+                for r in range(row0, row0 + rows, MR):  # MR rows of A (kc x MR, <= 12 KiB) in L1
                     amat, a_row0 = (a, r) if r + MR <= m else (a_edge, 0)
-                    for c in range(col0, col0 + cols, NR):  # ... while B panels stream from L2
+                    for c in range(col0, col0 + cols, NR):  # while B panels stream from L2
                         micro_kernel(amat, a_row0, k0, bpk[(c - col0) // NR], 0, kc, out, r, c,
                                      min(MR, m - r), min(NR, n - c), k0 > 0, no_bias,
                                      k0 + kc >= k, False)
@@ -381,12 +381,22 @@ def matmul_tiled(a, b, out):
     row by row instead (the same 9.4 MB in 1.2 ms), one block at a time, into the L2 of the
     thread that then reads it, and :func:`tile_grid` splits columns before rows so every
     element of ``b`` is packed once.
-    Still missing: the copy of the next block is not overlapped with this block's FMAs; zmm
-    register pressure caps MR x NR; edge tiles compute on zero padding.
+    Still missing: the next block's copy (about 1 ms of the ViT product, DRAM-bound) is not
+    overlapped with this block's FMAs. Tried without gain (interleaved, /tmp probes): a
+    software prefetch of the next block, one row per micro-kernel call (N=1024 13.20 vs
+    13.19 ms; ViT min 6.55 vs 6.57 ms); threads starting their K blocks at different offsets
+    so their copies do not coincide (ViT min 6.78 vs 6.79 ms); panel strides off 4 KiB
+    multiples. Also: zmm register pressure caps MR x NR; edge tiles compute on zero padding.
     Tile sizes: the constants at the top (MR x NR = 6 x 32, KC = 512, NC = 512), with the sweep.
-    Measured (2 threads, float32, interleaved medians in one process, /tmp probes, load 3-5):
-    196 x 768 x 3072 with all of B packed up front 9.9 ms (0.59x NumPy), packed per block
-    (KC = 256) 6.2-6.8 ms (0.87-0.96x); N=1024 0.85 -> 0.90x, N=256 1.20 -> 1.30x.
+    Measured: ``fastops bench --full --op matmul --backend numba --stage tiled`` (float32, 2
+    threads, load 1.7), "before" being the all-of-B stage swapped into the same harness;
+    GFLOP/s (x NumPy in the same run), before -> after:
+    196 x 768 x 3072 68 (0.53x) -> 123 (0.90x); N=256 101 (1.06x) -> 109 (1.11x);
+    N=1024 109 (0.70x) -> 145 (0.87x); N=2048 133 (0.72x) -> 152 (0.85x); 64 x 512 x 512 89
+    (0.79x) -> 105 (1.06x); float64 (same command, --dtype float64) 196 x 768 x 3072 65 -> 79,
+    N=1024 88 -> 91. Interleaved in one process (medians of 21, load 2.3), x NumPy:
+    196 x 768 x 3072 0.54 -> 0.88x, N=1024 0.90 -> 0.98x, N=2048 0.83 -> 0.89x, float64
+    196 x 768 x 3072 0.74 -> 0.91x. The skinny path (1 x 2048 x 1000) is unchanged.
     """
     # a: (M, K)  b: (K, N)  out: (M, N)
     if a.shape[0] < MR:
