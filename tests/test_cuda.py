@@ -1228,6 +1228,69 @@ def test_gpu_bench_sweep_on_emulation(emulated, tmp_path):
     assert "ms" in failed[1] and bench.best_matmul([], failed)["config"] == sweep[0][0]
 
 
+def test_gpu_bench_conv_on_emulation(emulated, monkeypatch):
+    """bench_conv end to end on the CPU emulation, so the one short GPU run cannot lose its
+    conv section to a bug found only there: tiny layers (3x3, depthwise, strided 1x1) through
+    the un-fused stages and ``fused``, each checked against the reference (PyTorch's conv when
+    CPU PyTorch is installed, standing in for cuDNN), with speeds relative to "cuDNN FP32"."""
+    bench = _gpu_bench()
+    monkeypatch.setattr(bench, "RESNET_LAYERS", [
+        ("3x3 C8 5x5 K16", 8, 5, 16, 3, 1, 1, 1),
+        ("depthwise 3x3 C8 5x5", 8, 5, 8, 3, 1, 1, 8),
+        ("1x1/2 C6 6x6 K20", 6, 6, 20, 1, 2, 0, 1)])
+
+    class Rng:
+        def __init__(self, seed):
+            self.rng = np.random.default_rng(seed)
+
+        def standard_normal(self, shape, dtype):
+            return emu(self.rng.standard_normal(shape, dtype=dtype))
+
+    fake_cupy = types.SimpleNamespace(
+        float32=np.float32, abs=np.abs, ascontiguousarray=emu, from_dlpack=lambda t: emu(t),
+        random=types.SimpleNamespace(default_rng=Rng),
+        empty=lambda shape, dtype: emu(np.empty(shape, dtype)),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+
+    def unfused(stage):
+        def kernel(x, w, bias, out, p):
+            emulated[("conv2d", stage)].kernel(x, w, out, p)
+            out += bias.reshape(1, -1, 1, 1)
+            np.maximum(out, 0, out=out)
+        return kernel
+
+    ladder = [types.SimpleNamespace(stage=stage, fits=lambda flops: True, kernel=unfused(stage))
+              for stage in CONV_LADDER[1:]]
+    ladder.append(types.SimpleNamespace(stage="fused", fits=lambda flops: True,
+                                        kernel=emulated[("conv2d_bias_relu", "fused")].kernel))
+    fake_registry = types.SimpleNamespace(ladder=lambda op, backend: ladder)
+
+    def timer(fn, use_torch=False):
+        fn()
+        return 2e-3 if use_torch else 1e-3, 1
+
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - CI has no PyTorch: the fastops half only
+        torch = None
+    fake_torch = None if torch is None else types.SimpleNamespace(
+        nn=torch.nn, from_dlpack=lambda a: torch.from_numpy(np.asarray(a)),
+        backends=types.SimpleNamespace(cudnn=types.SimpleNamespace(allow_tf32=False)),
+        cuda=types.SimpleNamespace(synchronize=lambda: None))
+    rows = bench.bench_conv(fake_cupy, fake_registry, timer, fake_torch, 2, float("inf"),
+                            lambda msg: None)
+    assert [r["layer"] for r in rows] == [layer[0] for layer in bench.RESNET_LAYERS]
+    for row in rows:
+        impls = [e["impl"] for e in row["entries"]]
+        fastops_entries = [f"fastops {stage}" for stage in CONV_LADDER[1:] + ["fused"]]
+        assert impls[-len(fastops_entries):] == fastops_entries, impls
+        for entry in row["entries"]:
+            assert "skipped" not in entry and entry["ms"] > 0, entry
+            if torch is not None and entry["impl"].startswith("fastops"):
+                assert entry["rel_err_vs_torch"] < 1e-5, (row["layer"], entry)
+                assert entry["speed_vs_cudnn_fp32"] == 2.0
+
+
 def test_gpu_bench_says_no_gpu(tmp_path):
     try:
         import cupy
