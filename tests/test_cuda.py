@@ -1170,7 +1170,7 @@ def test_gpu_bench_best_matmul():
     assert bench.best_matmul(ladder[:1], []) is None
 
 
-def test_gpu_bench_sweep_on_emulation(emulated, tmp_path):
+def test_gpu_bench_sweep_emulated(emulated, tmp_path):
     """bench_matmul + the warptile sweep end to end, on the CPU emulation of the kernels with
     NumPy standing in for CuPy: every candidate is timed (fake clock) and checked against the
     reference; the report has the sweep table and the best line."""
@@ -1228,7 +1228,7 @@ def test_gpu_bench_sweep_on_emulation(emulated, tmp_path):
     assert "ms" in failed[1] and bench.best_matmul([], failed)["config"] == sweep[0][0]
 
 
-def test_gpu_bench_conv_on_emulation(emulated, monkeypatch):
+def test_gpu_bench_conv_emulated(emulated, monkeypatch):
     """bench_conv end to end on the CPU emulation, so the one short GPU run cannot lose its
     conv section to a bug found only there: tiny layers (3x3, depthwise, strided 1x1) through
     the un-fused stages and ``fused``, each checked against the reference (PyTorch's conv when
