@@ -43,7 +43,7 @@ NR = 32
 # the same. K is cut into equal blocks of at most KC (768 = 2 x 384), so no runt block pays a
 # whole pass over ``out``. A is read in place and there is no MC block: with B packed per
 # block, each A sliver serves all of the block's panels while it is in L1, then is done.
-# Measured (float32, 2 threads, GFLOP/s, interleaved medians of 21, /tmp sweep, load 2.7 rising
+# Measured (float32, 2 threads, GFLOP/s, interleaved medians of 21 in one process, load 2.7 rising
 # to 13 by the last shape), KC x NC:      256x512  512x256  512x512   NumPy
 #   196 x 768 x 3072 (K = 768: 384 + 384)    144      143      146      148
 #   1024 x 1024 x 1024                       162      173      177      174
@@ -382,7 +382,7 @@ def matmul_tiled(a, b, out):
     thread that then reads it, and :func:`tile_grid` splits columns before rows so every
     element of ``b`` is packed once.
     Still missing: the next block's copy (about 1 ms of the ViT product, DRAM-bound) is not
-    overlapped with this block's FMAs. Tried without gain (interleaved, /tmp probes): a
+    overlapped with this block's FMAs. Tried without gain (interleaved in one process): a
     software prefetch of the next block, one row per micro-kernel call (N=1024 13.20 vs
     13.19 ms; ViT min 6.55 vs 6.57 ms); threads starting their K blocks at different offsets
     so their copies do not coincide (ViT min 6.78 vs 6.79 ms); panel strides off 4 KiB
