@@ -31,9 +31,11 @@
 # +-2 % of that, and the kernel on one L1-resident B sliver 112-116. The streams are slow
 # enough for the hardware prefetchers (B: 128 B per 16 FMA cycles), so the blocks stay. In
 # the 2-thread 1024^3 call (interleaved, n_block forced through matmul._grid) 256-, 512-
-# and 1024-column task blocks measured within noise too. The whole call reaches 83-99 GF/s
-# on one thread (OpenBLAS 92-102 beside it): what the kernel loses there is packing (perf:
-# pack_a ~5 % of the kernel's samples) and the edges, not the cache blocking.
+# and 1024-column task blocks measured within noise too. What the kernel did lose in the
+# whole call (93.7 GF/s on one thread at 1024^3 and 2048^3, OpenBLAS 99-103 beside it) was
+# its write-back waiting on C, which a large product has evicted by the next KC block: the
+# micro-kernel now prefetches its C tile before the k loop (fo_prefetch_c: 99-101 GF/s,
+# 1.00-1.01x OpenBLAS). Packing A costs ~5 % (perf: pack_a's share of the kernel's samples).
 # matmul packs A once for the whole call (read N / NC times from the packed copy). conv2d
 # passes its weights unpacked (lda > 0): they are already row-major along the reduction, and
 # the micro-kernel broadcasts from MR row pointers in place. B is packed per task, so with
