@@ -1170,23 +1170,31 @@ def test_gpu_bench_best_matmul():
     assert bench.best_matmul(ladder[:1], []) is None
 
 
+class _EmuRng:
+    """cupy.random.default_rng(seed) for benchmarks/gpu_bench.py on the emulation."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def standard_normal(self, shape, dtype):
+        return emu(self.rng.standard_normal(shape, dtype=dtype))
+
+
+def _bench_cupy(**extra):
+    """The part of CuPy that gpu_bench.py's timed sections use, on emulated arrays (+ extra)."""
+    return types.SimpleNamespace(
+        float32=np.float32, random=types.SimpleNamespace(default_rng=_EmuRng),
+        empty=lambda shape, dtype: emu(np.empty(shape, dtype)),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
+        **extra)
+
+
 def test_gpu_bench_sweep_emulated(emulated, tmp_path):
     """bench_matmul + the warptile sweep end to end, on the CPU emulation of the kernels with
     NumPy standing in for CuPy: every candidate is timed (fake clock) and checked against the
     reference; the report has the sweep table and the best line."""
     bench = _gpu_bench()
-
-    class Rng:
-        def __init__(self, seed):
-            self.rng = np.random.default_rng(seed)
-
-        def standard_normal(self, shape, dtype):
-            return emu(self.rng.standard_normal(shape, dtype=dtype))
-
-    fake_cupy = types.SimpleNamespace(
-        float32=np.float32, matmul=np.matmul, random=types.SimpleNamespace(default_rng=Rng),
-        empty=lambda shape, dtype: emu(np.empty(shape, dtype)),
-        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+    fake_cupy = _bench_cupy(matmul=np.matmul)
     warptiled = types.SimpleNamespace(stage="warptiled", fits=lambda flops: True,
                                       kernel=emulated[("matmul", "warptiled")].kernel)
     fake_registry = types.SimpleNamespace(ladder=lambda op, backend: [warptiled])
@@ -1238,19 +1246,7 @@ def test_gpu_bench_conv_emulated(emulated, monkeypatch):
         ("3x3 C8 5x5 K16", 8, 5, 16, 3, 1, 1, 1),
         ("depthwise 3x3 C8 5x5", 8, 5, 8, 3, 1, 1, 8),
         ("1x1/2 C6 6x6 K20", 6, 6, 20, 1, 2, 0, 1)])
-
-    class Rng:
-        def __init__(self, seed):
-            self.rng = np.random.default_rng(seed)
-
-        def standard_normal(self, shape, dtype):
-            return emu(self.rng.standard_normal(shape, dtype=dtype))
-
-    fake_cupy = types.SimpleNamespace(
-        float32=np.float32, abs=np.abs, ascontiguousarray=emu, from_dlpack=lambda t: emu(t),
-        random=types.SimpleNamespace(default_rng=Rng),
-        empty=lambda shape, dtype: emu(np.empty(shape, dtype)),
-        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+    fake_cupy = _bench_cupy(abs=np.abs, ascontiguousarray=emu, from_dlpack=emu)
 
     def unfused(stage):
         def kernel(x, w, bias, out, p):
