@@ -53,6 +53,19 @@ def test_matmul_tiles_and_tails(shape, dtype, rng):
         _check_matmul(kernel, *shape, dtype, rng)
 
 
+# the skinny path of the tiled stage (M < MR): K around its four-row unrolling (k % 4 = 0..3),
+# N across its 512-column strips
+SKINNY_SHAPES = [(1, 4, 1), (1, 9, 1000), (2, 8, 7), (MR - 1, 11, 1030), (4, 4, 513),
+                 (3, 6, 512)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matmul_skinny_path(shape, dtype, rng):
+    assert shape[0] < MR  # the tiled stage sends these to _matmul_skinny
+    _check_matmul(nmm.matmul_tiled, *shape, dtype, rng)
+
+
 CONV_CASES = [  # x shape, w shape, stride, padding, dilation, groups
     ((1, 1, 1, 1), (1, 1, 1, 1), 1, 0, 1, 1),
     ((2, 3, 7, 9), (4, 3, 3, 3), 1, 1, 1, 1),

@@ -336,24 +336,42 @@ def _matmul_skinny(a, b, out):
 
     Packing b into panels would copy all of it to feed fewer rows than the micro-kernel has
     (measured: 1.3 GFLOP/s at 1 x 2048 x 1000). Instead the columns are split into strips over
-    the threads; for each k the strip of row k of b is loaded once and used by every row of a.
-    Measured (1 x 2048 x 1000 float32, median of 50, machine busy with a CI run): 0.135 ms,
-    30 GFLOP/s (packed path: 1.3 GFLOP/s); numpy.matmul 0.087 ms beside it.
+    the threads, and each strip of b is read once, four rows at a time: for each row of ``a``
+    the strip of ``out`` (2 KiB, in L1) is updated with four rows of b per pass, so the
+    load + store of ``out`` is paid once per four FMAs instead of once per FMA, which had
+    made the store port the bottleneck.
+    Measured (float32, 2 threads, medians of 200, in one process, load 0.7), one row of b per
+    pass -> four: 1 x 2048 x 1000 293-301 -> 152-153 us (numpy.matmul 119-121 us beside
+    them); 4 x 2048 x 1000 1625-1916 -> 858-888 us (numpy 400-403); 5 x 2048 x 1000
+    2193-2414 -> 763-824 us (numpy 430-450). Through the registered stage, interleaved call by
+    call with numpy.matmul (medians of 300, load 0.7): 1 x 2048 x 1000 104 vs 118 us (1.13x),
+    4 x 2048 x 1000 330 vs 406 us (1.23x).
+    Still missing: register blocking over the rows of ``a`` (each row re-reads the strip of
+    b from L1/L2), which Cython's fo_skinny kernels have.
     """
     m, k = a.shape
     n = b.shape[1]
+    k4 = k - k % 4
     for strip in prange((n + SKINNY_COLUMNS - 1) // SKINNY_COLUMNS):
         c0 = strip * SKINNY_COLUMNS
         c1 = min(n, c0 + SKINNY_COLUMNS)
         width = c1 - c0
         for i in range(m):
             out[i, c0:c1] = 0.0
-        for p in range(k):
-            brow = b[p, c0:c1]  # (width,) contiguous: loaded once, used by every row
+        for p in range(0, k4, 4):
+            # (width,) contiguous strips of four rows of b: loaded once, used by every row
+            b0, b1, b2, b3 = b[p, c0:c1], b[p + 1, c0:c1], b[p + 2, c0:c1], b[p + 3, c0:c1]
+            for i in range(m):
+                a0, a1, a2, a3 = a[i, p], a[i, p + 1], a[i, p + 2], a[i, p + 3]
+                orow = out[i, c0:c1]
+                for j in range(width):  # 1-D contiguous views: packed FMAs
+                    orow[j] += a0 * b0[j] + a1 * b1[j] + a2 * b2[j] + a3 * b3[j]
+        for p in range(k4, k):  # the last k % 4 rows of b, one at a time
+            brow = b[p, c0:c1]
             for i in range(m):
                 aip = a[i, p]
                 orow = out[i, c0:c1]
-                for j in range(width):  # 1-D contiguous views: packed FMAs
+                for j in range(width):
                     orow[j] += aip * brow[j]
 
 
